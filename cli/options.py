@@ -1,0 +1,42 @@
+"""Option and argument decorators shared by commands, and opening a run read-only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from cli.errors import EXIT_USAGE, CliError
+from ledger import LEDGER_FILE, Ledger
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+
+seq_type = click.IntRange(min=0)
+
+
+def run_dir_argument(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``DIR`` positional argument: a run directory holding ledger.db."""
+    return click.argument("run_dir", metavar="DIR", type=click.Path(path_type=Path))(fn)
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    """Refuse a path that is not an existing run directory, with the fix in the message."""
+    if not run_dir.exists():
+        raise CliError(f"run directory {run_dir} does not exist; pass the --run-dir used for `ckpt-ledger train`", EXIT_USAGE)
+    if not run_dir.is_dir():
+        raise CliError(f"{run_dir} is a file, not a run directory; pass the directory that contains {LEDGER_FILE}", EXIT_USAGE)
+    if not (run_dir / LEDGER_FILE).exists():
+        raise CliError(f"{run_dir} has no {LEDGER_FILE}; it is not a ckpt-ledger run directory", EXIT_USAGE)
+    return run_dir
+
+
+def open_read_only(run_dir: Path) -> Ledger:
+    """Open a run's ledger without creating or changing any file."""
+    return Ledger.open(check_run_dir(run_dir), read_only=True)
+
+
+def debug_enabled() -> bool:
+    """``CKPT_LEDGER_DEBUG=1`` shows tracebacks instead of one-line errors."""
+    return os.environ.get("CKPT_LEDGER_DEBUG", "") not in ("", "0")

@@ -1,0 +1,249 @@
+"""Shard storage: atomic, content-hashed, attempt-namespaced files.
+
+A write is durable and atomic: bytes go to a temp file in the destination
+directory, the file is fsynced, renamed into place, and the directory is fsynced —
+so a crash leaves either no file or a complete one. Every blob is hashed as it is
+written (``blake2b``, 256-bit, over the bytes as stored) and verified on read.
+
+Locations are relative strings (``blobs/<checkpoint>/e<epoch>/...``): the epoch in
+the path means a stale attempt can never overwrite a live attempt's files.
+
+:class:`BlobStore` is the small interface a remote backend (e.g. fsspec/S3) would
+implement; :class:`LocalBlobStore` is the local-filesystem one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import zstandard
+
+from ledger.errors import CorruptBlobError, LedgerWriteError
+from ledger.faults import crash_point
+
+HASH_ALGO = "blake2b"
+CODECS = ("none", "zstd")
+_CHUNK = 1 << 20
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def new_hasher() -> "hashlib._Hash":
+    """The content hash used for every blob."""
+    return hashlib.blake2b(digest_size=32)
+
+
+def format_hash(hasher: "hashlib._Hash") -> str:
+    return f"{HASH_ALGO}:{hasher.hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """What was durably stored: enough to record a ``shard.written``."""
+
+    location: str
+    bytes: int
+    hash: str
+    codec: str
+
+
+def check_component(value: str, what: str) -> str:
+    """Reject ids that could escape the blob root or collide (``..``, slashes, empty)."""
+    if not _SAFE_ID.match(value):
+        raise ValueError(f"{what} {value!r} must be letters, digits, '.', '_' or '-' and not start with a symbol")
+    return value
+
+
+class BlobStore(ABC):
+    """Where shard bytes live. Implement these for another backend."""
+
+    @abstractmethod
+    def write(self, location: str, data: bytes | memoryview, *, codec: str = "none", level: int = 3) -> BlobInfo:
+        """Durably and atomically store ``data`` (encoded by ``codec``) at ``location``."""
+
+    @abstractmethod
+    def read(self, location: str, *, expected_hash: str | None = None, codec: str = "none") -> bytes:
+        """Return the decoded bytes, verifying ``expected_hash`` first (raises :class:`CorruptBlobError`)."""
+
+    @abstractmethod
+    def hash_file(self, location: str) -> tuple[str, int]:
+        """The stored blob's content hash and size in bytes."""
+
+    @abstractmethod
+    def exists(self, location: str) -> bool:
+        """Whether a blob is stored at ``location``."""
+
+    @abstractmethod
+    def delete(self, location: str) -> None:
+        """Remove a blob (no error if already gone)."""
+
+    @abstractmethod
+    def list_files(self) -> Iterator[str]:
+        """Every stored location (audit uses this to find orphans; nothing is *decided* from it)."""
+
+    def checkpoint_dir(self, checkpoint_id: str, epoch: int) -> str:
+        """The location prefix where attempt ``epoch`` writes checkpoint ``checkpoint_id``."""
+        return f"blobs/{check_component(checkpoint_id, 'checkpoint id')}/e{int(epoch)}"
+
+    def verify(self, location: str, expected_hash: str, expected_bytes: int | None = None) -> None:
+        """Raise :class:`CorruptBlobError` unless the stored blob has this hash (and size)."""
+        if not self.exists(location):
+            raise CorruptBlobError(
+                f"shard {location} is missing", location=location, expected_hash=expected_hash, found_hash=None
+            )
+        found, size = self.hash_file(location)
+        if expected_bytes is not None and size != expected_bytes:
+            raise CorruptBlobError(
+                f"shard {location} has {size} bytes, the ledger recorded {expected_bytes}",
+                location=location, expected_hash=expected_hash, found_hash=found,
+            )
+        if found != expected_hash:
+            raise CorruptBlobError(
+                f"shard {location} hash {found} does not match the ledger's {expected_hash}",
+                location=location, expected_hash=expected_hash, found_hash=found,
+            )
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs as files under ``root`` (normally the run directory)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, location: str) -> Path:
+        """The local file of a location (refuses locations that escape the root)."""
+        resolved = (self.root / location).resolve()
+        root = self.root.resolve()
+        if root != resolved and root not in resolved.parents:
+            raise ValueError(f"blob location {location!r} escapes the run directory")
+        return resolved
+
+    def write(self, location: str, data: bytes | memoryview, *, codec: str = "none", level: int = 3) -> BlobInfo:
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}; use one of {', '.join(CODECS)}")
+        payload = zstandard.ZstdCompressor(level=level).compress(data) if codec == "zstd" else data
+        with self.open_atomic(location) as sink:
+            sink.write(payload)
+        return BlobInfo(location=location, bytes=sink.size, hash=sink.hash, codec=codec)
+
+    def open_atomic(self, location: str) -> "AtomicFile":
+        """A file-like that hashes as it is written and lands atomically and durably on close."""
+        return AtomicFile(self.path(location))
+
+    def read(self, location: str, *, expected_hash: str | None = None, codec: str = "none") -> bytes:
+        target = self.path(location)
+        try:
+            data = target.read_bytes()
+        except FileNotFoundError:
+            raise CorruptBlobError(
+                f"shard {location} is missing", location=location, expected_hash=expected_hash, found_hash=None
+            ) from None
+        if expected_hash is not None:
+            hasher = new_hasher()
+            hasher.update(data)
+            if format_hash(hasher) != expected_hash:
+                raise CorruptBlobError(
+                    f"shard {location} hash {format_hash(hasher)} does not match the ledger's {expected_hash}",
+                    location=location, expected_hash=expected_hash, found_hash=format_hash(hasher),
+                )
+        if codec == "zstd":
+            return zstandard.ZstdDecompressor().decompress(data)
+        return data
+
+    def hash_file(self, location: str) -> tuple[str, int]:
+        hasher, size = new_hasher(), 0
+        with open(self.path(location), "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                hasher.update(chunk)
+                size += len(chunk)
+        return format_hash(hasher), size
+
+    def exists(self, location: str) -> bool:
+        return self.path(location).is_file()
+
+    def size(self, location: str) -> int | None:
+        """Stored size in bytes, or ``None`` when missing."""
+        try:
+            return self.path(location).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def delete(self, location: str) -> None:
+        target = self.path(location)
+        target.unlink(missing_ok=True)
+        # Prune now-empty directories up to blobs/, so a deleted checkpoint leaves nothing behind.
+        parent, stop = target.parent, (self.root / "blobs").resolve()
+        while parent != stop and stop in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def list_files(self) -> Iterator[str]:
+        base = self.root / "blobs"
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                yield Path(dirpath, name).relative_to(self.root).as_posix()
+
+
+class AtomicFile:
+    """Write-then-rename file with a running content hash (use as a context manager)."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.size = 0
+        self.hash = ""
+        self._hasher = new_hasher()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+        self._fh: BinaryIO = open(self._tmp, "wb")
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Append bytes (hashing them on the way)."""
+        self._fh.write(data)
+        self._hasher.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self._fh.close()
+            self._tmp.unlink(missing_ok=True)
+            return
+        try:
+            self._fh.flush()
+            crash_point("blob.after_temp_write")
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            crash_point("blob.after_fsync")
+            os.replace(self._tmp, self.final)
+            crash_point("blob.after_rename")
+            fsync_dir(self.final.parent)
+            crash_point("blob.after_dir_fsync")
+        except OSError as err:
+            # fsync failing is never retried hoping it worked: the pages may already be dropped.
+            self._fh.close()
+            self._tmp.unlink(missing_ok=True)
+            raise LedgerWriteError(f"could not durably write shard {self.final}: {err}") from err
+        self.hash = format_hash(self._hasher)

@@ -1,0 +1,110 @@
+"""Every decision the ledger makes, as a pure function of the projected state.
+
+Nothing here reads a file, a directory or the clock. Ordering is by step and log
+sequence only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ledger.projection import CheckpointState, State
+
+DEFAULT_BEST_METRIC = "eval_loss"
+DEFAULT_BEST_MODE = "min"
+
+
+@dataclass(frozen=True, slots=True)
+class BestRule:
+    """Which metric ranks checkpoints for ``best``, and whether lower or higher wins."""
+
+    metric: str = DEFAULT_BEST_METRIC
+    mode: str = DEFAULT_BEST_MODE
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"best mode must be 'min' or 'max', got {self.mode!r}")
+
+    @classmethod
+    def of(cls, state: State) -> BestRule:
+        """The rule recorded in the run's config (``best_metric``, ``best_mode``), else the default."""
+        config = state.run.config if state.run is not None else {}
+        return cls(metric=str(config.get("best_metric", DEFAULT_BEST_METRIC)), mode=str(config.get("best_mode", DEFAULT_BEST_MODE)))
+
+
+def resume_candidates(state: State) -> list[CheckpointState]:
+    """Usable checkpoints, best resume choice first: highest step, then latest commit."""
+    usable = [c for c in state.checkpoints.values() if c.usable]
+    return sorted(usable, key=lambda c: (c.step, c.committed_seq or 0), reverse=True)
+
+
+def resume_target(state: State) -> CheckpointState | None:
+    """What a restart loads: the highest-step committed checkpoint not deleted and not known corrupt."""
+    candidates = resume_candidates(state)
+    return candidates[0] if candidates else None
+
+
+def latest(state: State) -> CheckpointState | None:
+    """The most recently committed usable checkpoint (by log sequence)."""
+    usable = [c for c in state.checkpoints.values() if c.usable]
+    return max(usable, key=lambda c: c.committed_seq or 0, default=None)
+
+
+def metric_of(state: State, ckpt: CheckpointState, metric: str) -> float | None:
+    """The checkpoint's value of ``metric``: recorded against it, else recorded at its step."""
+    if metric in ckpt.metrics:
+        return ckpt.metrics[metric]
+    return state.metrics_by_step.get(ckpt.step, {}).get(metric)
+
+
+def ranked_by_metric(state: State, rule: BestRule) -> list[tuple[CheckpointState, float]]:
+    """Usable checkpoints that have the metric, best first (ties: the later step wins)."""
+    scored = []
+    for ckpt in state.checkpoints.values():
+        value = metric_of(state, ckpt, rule.metric) if ckpt.usable else None
+        if value is not None:
+            scored.append((ckpt, value))
+    sign = 1.0 if rule.mode == "min" else -1.0
+    return sorted(scored, key=lambda cv: (sign * cv[1], -cv[0].step, -(cv[0].committed_seq or 0)))
+
+
+def best(state: State, rule: BestRule | None = None) -> tuple[CheckpointState, float] | None:
+    """The best usable checkpoint by ``rule`` and its metric value (a late metric still counts)."""
+    ranked = ranked_by_metric(state, rule or BestRule.of(state))
+    return ranked[0] if ranked else None
+
+
+def is_torn(state: State, ckpt: CheckpointState) -> bool:
+    """In flight from an attempt that is over or fenced: it can never be committed."""
+    if ckpt.status != "in_flight":
+        return False
+    attempt = state.attempts.get(ckpt.epoch)
+    ended = attempt is not None and attempt.status not in ("running",)
+    return ckpt.epoch < state.current_epoch or ended
+
+
+def goodput(state: State) -> float:
+    """Fraction of executed step work not lost to restarts (1.0 before any step)."""
+    if state.steps_run <= 0:
+        return 1.0
+    return max(0.0, (state.steps_run - state.steps_lost) / state.steps_run)
+
+
+def protected(state: State, rule: BestRule | None = None) -> dict[str, str]:
+    """Checkpoints retention must never remove, with why: latest, best, resume, pinned, in flight, aliased."""
+    keep: dict[str, str] = {}
+    for ckpt in state.checkpoints.values():
+        if ckpt.status == "in_flight" and not is_torn(state, ckpt):
+            keep[ckpt.checkpoint_id] = "in flight"
+        elif ckpt.pinned and ckpt.status != "deleted":
+            keep[ckpt.checkpoint_id] = "pinned"
+    for alias, checkpoint_id in state.aliases.items():
+        if alias not in ("latest", "best"):
+            keep.setdefault(checkpoint_id, f"alias {alias}")
+    if (target := resume_target(state)) is not None:
+        keep.setdefault(target.checkpoint_id, "resume target")
+    if (newest := latest(state)) is not None:
+        keep.setdefault(newest.checkpoint_id, "latest")
+    if (top := best(state, rule)) is not None:
+        keep.setdefault(top[0].checkpoint_id, "best")
+    return keep

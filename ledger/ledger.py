@@ -1,0 +1,269 @@
+"""``Ledger``: the Python API over one run's event log, blob store and projection."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ledger import retention
+from ledger.blobs import LocalBlobStore
+from ledger.decisions import BestRule
+from ledger.errors import CorruptBlobError, IncompleteCheckpointError, LedgerError
+from ledger.events import (
+    AttemptStarted,
+    CheckpointAborted,
+    CheckpointCommitted,
+    CheckpointStarted,
+    CorruptionDetected,
+    Event,
+    RunStarted,
+    ShardWritten,
+)
+from ledger.faults import crash_point
+from ledger.projection import PROJECTION_VERSION, State, decode_state, encode_state, fold
+from ledger.store import (
+    LEDGER_FILE,
+    OPERATOR_EPOCH,
+    LogReader,
+    LogWriter,
+    StoredEvent,
+    checkpoint_events,
+    iter_events,
+    latest_snapshot,
+    max_seq,
+    read_events,
+)
+from ledger.view import View
+
+#: A writer stores a snapshot once this many events have accumulated past the last one.
+SNAPSHOT_EVERY = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A begun attempt; ``epoch`` is its fencing token for every append."""
+
+    epoch: int
+    seq: int
+    event: AttemptStarted
+
+
+class Ledger:
+    """One run's ledger. Open with :meth:`open`; writers and read-only readers share this API."""
+
+    def __init__(self, run_dir: Path, log: LogWriter | LogReader, read_only: bool) -> None:
+        self.run_dir = run_dir
+        self.read_only = read_only
+        self._log = log
+        self.blobs = LocalBlobStore(run_dir)
+        self._cache: tuple[int, bytes] | None = None  # (seq, encoded state) of the newest projection
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike[str], *, read_only: bool = False) -> "Ledger":
+        """Open ``RUN_DIR/ledger.db``. Writers create it if missing; read-only never creates or changes a file."""
+        run_dir = Path(run_dir)
+        path = run_dir / LEDGER_FILE
+        log: LogWriter | LogReader = LogReader(path) if read_only else LogWriter(path)
+        return cls(run_dir, log, read_only)
+
+    @property
+    def path(self) -> Path:
+        """The ledger database file."""
+        return self._log.path
+
+    def close(self) -> None:
+        """Release the database connection (writers only hold one)."""
+        if isinstance(self._log, LogWriter):
+            self._log.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _writer(self) -> LogWriter:
+        if not isinstance(self._log, LogWriter):
+            raise LedgerError(f"{self.path} was opened read-only; open it with read_only=False to append")
+        return self._log
+
+    def append(self, event: Event, *, epoch: int | None = None, event_id: str | None = None) -> int:
+        """Append one event under ``epoch`` (``None``: an operator write outside any attempt). Returns its seq.
+
+        Raises :class:`~ledger.errors.FencedError` if a newer attempt has begun.
+        Re-appending an ``event_id`` that is already stored is a no-op returning its seq.
+        """
+        return self.append_many([event], epoch=epoch, event_ids=[event_id])[0]
+
+    def append_many(
+        self, events: Sequence[Event], *, epoch: int | None = None, event_ids: Sequence[str | None] | None = None
+    ) -> list[int]:
+        """Append several events in one transaction (all or none)."""
+        if not events:
+            return []
+        return self._writer().append(events, epoch=OPERATOR_EPOCH if epoch is None else epoch, event_ids=event_ids)
+
+    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None) -> RunStarted:
+        """Record the run's identity once; later calls return the stored ``run.started``."""
+        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id),
+                    event_id="run.started")
+        stored = self._writer().query(lambda c: read_events(c, tags=["run.started"]))
+        return stored[0].event  # type: ignore[return-value]
+
+    def begin_attempt(
+        self,
+        *,
+        job_id: str | None = None,
+        slurm: dict[str, Any] | None = None,
+        host: str | None = None,
+        pid: int | None = None,
+        world_size: int = 1,
+        stack: str = "",
+        topology: dict[str, int] | None = None,
+        resumed_from: str | None = None,
+        previous_topology: dict[str, Any] | None = None,
+    ) -> Attempt:
+        """Start a new attempt: its epoch (previous max + 1) fences every older attempt, atomically."""
+        def make(epoch: int) -> AttemptStarted:
+            return AttemptStarted(
+                epoch=epoch, job_id=job_id, slurm=slurm, host=host if host is not None else socket.gethostname(),
+                pid=pid if pid is not None else os.getpid(), world_size=world_size, stack=stack,
+                topology=dict(topology or {}), resumed_from=resumed_from, previous_topology=previous_topology,
+            )
+
+        epoch, seq = self._writer().begin_epoch(make)
+        return Attempt(epoch=epoch, seq=seq, event=make(epoch))
+
+    # -- two-phase checkpoint protocol -------------------------------------------------------
+
+    def begin_checkpoint(
+        self, *, checkpoint_id: str, step: int, ranks: Sequence[int], world_size: int, stack: str,
+        topology: dict[str, int] | None = None, epoch: int,
+    ) -> int:
+        """Phase 1: announce a checkpoint and the ranks whose shards must all arrive before commit."""
+        self.blobs.checkpoint_dir(checkpoint_id, epoch)  # validates the id before anything is recorded
+        return self.append(
+            CheckpointStarted(checkpoint_id=checkpoint_id, step=step, ranks=sorted(set(ranks)), world_size=world_size,
+                              stack=stack, topology=dict(topology or {})),
+            epoch=epoch, event_id=f"{checkpoint_id}:started",
+        )
+
+    def record_shards(self, checkpoint_id: str, shards: Sequence[ShardWritten], *, epoch: int) -> list[int]:
+        """Record durably written shard files (one ``shard.written`` each, in one transaction)."""
+        for shard in shards:
+            if shard.checkpoint_id != checkpoint_id:
+                raise ValueError(f"shard {shard.location} belongs to {shard.checkpoint_id}, not {checkpoint_id}")
+        seqs = self.append_many(list(shards), epoch=epoch,
+                                event_ids=[f"{checkpoint_id}:shard:{s.location}" for s in shards])
+        crash_point("ledger.after_shard_written")
+        return seqs
+
+    def commit_checkpoint(self, checkpoint_id: str, *, epoch: int, verify: bool = False) -> int:
+        """Phase 2: commit — refused unless every expected rank recorded shards (and, with ``verify``, they hash right).
+
+        The check runs inside the commit's own transaction, so nothing (an abort, a
+        newer attempt) can slip in between the check and the commit.
+        """
+        def make_commit(conn: sqlite3.Connection) -> CheckpointCommitted:
+            started, shards, ended = None, {}, None
+            for stored in checkpoint_events(conn, checkpoint_id):
+                ev = stored.event
+                if isinstance(ev, CheckpointStarted):
+                    started = ev
+                elif isinstance(ev, ShardWritten):
+                    shards[ev.location] = ev
+                elif stored.tag != "metric.recorded" and not isinstance(ev, (CheckpointStarted, ShardWritten)):
+                    ended = ended or stored.tag
+            if started is None:
+                raise IncompleteCheckpointError(f"cannot commit {checkpoint_id}: it was never begun")
+            if ended is not None:
+                raise IncompleteCheckpointError(f"cannot commit {checkpoint_id}: the log already has {ended} for it")
+            missing = sorted(set(started.ranks) - {s.rank for s in shards.values()})
+            if missing:
+                raise IncompleteCheckpointError(
+                    f"cannot commit {checkpoint_id}: no shard recorded for rank(s) {missing}; abort it instead"
+                )
+            if verify:
+                for shard in shards.values():
+                    self.blobs.verify(shard.location, shard.hash, shard.bytes)
+            return CheckpointCommitted(checkpoint_id=checkpoint_id, step=started.step)
+
+        crash_point("ledger.before_commit")
+        seq = self._writer().append_computed(make_commit, epoch=epoch, event_id=f"{checkpoint_id}:committed")
+        crash_point("ledger.after_commit")
+        return seq
+
+    def abort_checkpoint(self, checkpoint_id: str, reason: str, *, epoch: int | None) -> int:
+        """Record that a checkpoint will never be committed."""
+        return self.append(CheckpointAborted(checkpoint_id=checkpoint_id, reason=reason), epoch=epoch,
+                           event_id=f"{checkpoint_id}:aborted")
+
+    def report_corruption(self, checkpoint_id: str, location: str, expected_hash: str | None,
+                          found_hash: str | None, *, epoch: int | None) -> int:
+        """Record that a shard failed verification (the checkpoint is never loaded again)."""
+        return self.append(CorruptionDetected(checkpoint_id=checkpoint_id, location=location,
+                                              expected_hash=expected_hash, found_hash=found_hash), epoch=epoch)
+
+    def verify_checkpoint(self, checkpoint_id: str) -> None:
+        """Re-hash every shard of a checkpoint; raises :class:`CorruptBlobError` on the first bad one."""
+        ckpt = self.projection().checkpoint(checkpoint_id)
+        for shard in ckpt.shards:
+            self.blobs.verify(shard.location, shard.hash, shard.bytes)
+
+    def apply_retention(self, policy: retention.RetentionPolicy, *, epoch: int | None,
+                        dry_run: bool = False) -> list[retention.Deletion]:
+        """Plan retention from the projection and (unless ``dry_run``) carry it out crash-safely."""
+        view = self.projection()
+        planned = retention.plan(view.state, policy, view.best_rule)
+        if dry_run or not planned:
+            return planned
+        return retention.execute(self, planned, epoch=OPERATOR_EPOCH if epoch is None else epoch)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def events(self, *, after_seq: int = 0, until_seq: int | None = None,
+               tags: Sequence[str] | None = None) -> list[StoredEvent]:
+        """Stored events in log order, optionally a range and only some tags."""
+        return self._log.query(lambda c: read_events(c, after_seq=after_seq, until_seq=until_seq, tags=tags))
+
+    def max_seq(self) -> int:
+        """The newest sequence number (0 when empty)."""
+        return self._log.query(max_seq)
+
+    def projection(self, at: int | None = None, *, best_rule: BestRule | None = None) -> View:
+        """The run as of sequence ``at`` (default: now): snapshot + tail, folded."""
+        if at is not None and at < 0:
+            raise ValueError(f"sequence number must be >= 0, got {at}")
+        state, seq, folded = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
+        if at is None and isinstance(self._log, LogWriter):
+            self._cache = (seq, encode_state(state) if folded else self._cache[1])  # type: ignore[index]
+            if folded >= SNAPSHOT_EVERY:
+                self._log.save_snapshot(seq, PROJECTION_VERSION, self._cache[1])
+        return View(state, best_rule)
+
+    def _fold_to(self, conn: sqlite3.Connection, at: int | None) -> tuple[State, int, int]:
+        newest = max_seq(conn)
+        target = newest if at is None else min(at, newest)
+        start_seq, start = 0, None
+        if self._cache is not None and self._cache[0] <= target:
+            start_seq, start = self._cache
+        snap = latest_snapshot(conn, at_most=target, projection_version=PROJECTION_VERSION)
+        if snap is not None and snap[0] > start_seq:
+            start_seq, start = snap
+        state = decode_state(start) if start is not None else State()
+        count = 0
+        for stored in iter_events(conn, after_seq=start_seq, until_seq=target):
+            count += 1
+            fold((stored,), state)
+        state.seq = target
+        return state, target, count
+
+    def full_replay(self, at: int | None = None) -> State:
+        """Fold the whole log from seq 1, ignoring snapshots and caches (for checks and tests)."""
+        return self._log.query(lambda c: fold(iter_events(c, until_seq=at)))

@@ -1,0 +1,320 @@
+"""The projection: a fold of the event log into the state every decision is made from.
+
+``apply(state, event, envelope) -> state`` is deterministic and free of I/O: the
+same log always folds into the same state, whatever the wall clock or the file
+system say. For speed on million-event logs it updates ``state`` in place and
+returns it; the fold owns the state it is given (:func:`fold` starts from a fresh
+or decoded snapshot), so no caller ever sees a state change under it.
+
+Facts that do not fit the protocol (a shard for an unknown checkpoint, a commit
+after an abort) are kept as ``anomalies`` for ``audit`` instead of raising: the
+log is history, and history is not refused after the fact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import msgspec
+
+from ledger.events import (
+    AliasPromoted,
+    AttemptEnded,
+    AttemptStarted,
+    CheckpointAborted,
+    CheckpointCommitted,
+    CheckpointDeleted,
+    CheckpointDeletionRequested,
+    CheckpointPinned,
+    CheckpointStarted,
+    CheckpointUnpinned,
+    CorruptionDetected,
+    Event,
+    MetricRecorded,
+    PreemptionSignalled,
+    RunStarted,
+    ShardWritten,
+    StepCompleted,
+)
+
+#: Bump when the state layout or fold rules change: older snapshots are then ignored.
+PROJECTION_VERSION = 1
+
+
+class RunInfo(msgspec.Struct, kw_only=True):
+    """Identity of the run (from ``run.started``)."""
+
+    run_id: str
+    config: dict[str, Any]
+    config_hash: str
+    code_id: str | None
+
+
+class ShardState(msgspec.Struct, kw_only=True):
+    """One recorded shard file of a checkpoint."""
+
+    rank: int
+    location: str
+    bytes: int
+    hash: str
+    codec: str
+
+
+class CheckpointState(msgspec.Struct, kw_only=True):
+    """Everything the log says about one checkpoint. Treat as read-only."""
+
+    checkpoint_id: str
+    step: int
+    epoch: int
+    started_seq: int
+    ranks: list[int]
+    world_size: int
+    stack: str
+    topology: dict[str, int]
+    status: str = "in_flight"  # in_flight | committed | aborted | deleted | corrupt
+    shards: list[ShardState] = []
+    committed_seq: int | None = None
+    abort_reason: str | None = None
+    deletion_requested: bool = False
+    deletion_reason: str | None = None
+    pinned: bool = False
+    corrupt_locations: list[str] = []
+    metrics: dict[str, float] = {}
+
+    @property
+    def bytes(self) -> int:
+        """Total stored bytes over all shards."""
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def usable(self) -> bool:
+        """Committed, not corrupt, not (being) deleted: safe to load."""
+        return self.status == "committed" and not self.deletion_requested
+
+
+class AttemptState(msgspec.Struct, kw_only=True):
+    """One attempt (a job, requeue or restart), keyed by its fencing epoch."""
+
+    epoch: int
+    started_seq: int
+    started_at: float
+    job_id: str | None
+    slurm: dict[str, Any] | None
+    host: str
+    pid: int
+    world_size: int
+    stack: str
+    topology: dict[str, int]
+    resumed_from: str | None
+    previous_topology: dict[str, Any] | None
+    first_step: int
+    status: str = "running"  # running | completed | preempted | failed | fenced | crashed
+    reason: str | None = None
+    ended_at: float | None = None
+    ended_seq: int | None = None
+    last_step: int | None = None
+    last_seq: int = 0
+    steps_run: int = 0
+    steps_lost: int = 0
+    preempted_by: str | None = None
+
+
+class State(msgspec.Struct, kw_only=True):
+    """The whole projection: the fold of events ``1..seq``."""
+
+    seq: int = 0
+    run: RunInfo | None = None
+    checkpoints: dict[str, CheckpointState] = {}
+    attempts: dict[int, AttemptState] = {}
+    current_epoch: int = 0
+    last_step: int | None = None
+    steps_run: int = 0
+    steps_lost: int = 0
+    aliases: dict[str, str] = {}
+    metrics_by_step: dict[int, dict[str, float]] = {}
+    anomalies: list[str] = []
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(State)
+
+
+def encode_state(state: State) -> bytes:
+    """Serialize a state (for snapshots and copies)."""
+    return _encoder.encode(state)
+
+
+def decode_state(data: bytes) -> State:
+    """Inverse of :func:`encode_state`."""
+    return _decoder.decode(data)
+
+
+def _anomaly(state: State, seq: int, message: str) -> None:
+    state.anomalies.append(f"seq {seq}: {message}")
+
+
+def _checkpoint(state: State, seq: int, checkpoint_id: str, what: str) -> CheckpointState | None:
+    ckpt = state.checkpoints.get(checkpoint_id)
+    if ckpt is None:
+        _anomaly(state, seq, f"{what} for unknown checkpoint {checkpoint_id}")
+    return ckpt
+
+
+def _current_attempt(state: State) -> AttemptState | None:
+    return state.attempts.get(state.current_epoch)
+
+
+def apply(state: State, event: Event, *, seq: int, epoch: int, recorded_at: float) -> State:
+    """Fold one event (with its envelope fields) into ``state`` and return it."""
+    state.seq = seq
+    attempt = state.attempts.get(epoch)
+    if attempt is not None:
+        attempt.last_seq = seq
+
+    if isinstance(event, StepCompleted):
+        _apply_step(state, event, epoch)
+    elif isinstance(event, ShardWritten):
+        ckpt = _checkpoint(state, seq, event.checkpoint_id, "shard.written")
+        if ckpt is not None:
+            ckpt.shards = [s for s in ckpt.shards if s.location != event.location]
+            ckpt.shards.append(
+                ShardState(rank=event.rank, location=event.location, bytes=event.bytes, hash=event.hash, codec=event.codec)
+            )
+    elif isinstance(event, CheckpointStarted):
+        if event.checkpoint_id in state.checkpoints:
+            _anomaly(state, seq, f"checkpoint {event.checkpoint_id} started twice")
+        else:
+            state.checkpoints[event.checkpoint_id] = CheckpointState(
+                checkpoint_id=event.checkpoint_id,
+                step=event.step,
+                epoch=epoch,
+                started_seq=seq,
+                ranks=list(event.ranks),
+                world_size=event.world_size,
+                stack=event.stack,
+                topology=dict(event.topology),
+            )
+    elif isinstance(event, CheckpointCommitted):
+        ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.committed")
+        if ckpt is not None:
+            if ckpt.status != "in_flight":
+                _anomaly(state, seq, f"commit of {event.checkpoint_id} while {ckpt.status}")
+            else:
+                ckpt.status = "committed"
+                ckpt.committed_seq = seq
+    elif isinstance(event, CheckpointAborted):
+        ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.aborted")
+        if ckpt is not None:
+            if ckpt.status == "in_flight":
+                ckpt.status = "aborted"
+            ckpt.abort_reason = event.reason
+    elif isinstance(event, MetricRecorded):
+        state.metrics_by_step.setdefault(event.step, {})[event.name] = event.value
+        if event.checkpoint_id is not None:
+            ckpt = _checkpoint(state, seq, event.checkpoint_id, "metric.recorded")
+            if ckpt is not None:
+                ckpt.metrics[event.name] = event.value
+    elif isinstance(event, AliasPromoted):
+        if _checkpoint(state, seq, event.checkpoint_id, f"alias {event.alias}") is not None:
+            state.aliases[event.alias] = event.checkpoint_id
+    elif isinstance(event, (CheckpointPinned, CheckpointUnpinned)):
+        ckpt = _checkpoint(state, seq, event.checkpoint_id, "pin")
+        if ckpt is not None:
+            ckpt.pinned = isinstance(event, CheckpointPinned)
+    elif isinstance(event, CheckpointDeletionRequested):
+        ckpt = _checkpoint(state, seq, event.checkpoint_id, "deletion request")
+        if ckpt is not None:
+            ckpt.deletion_requested = True
+            ckpt.deletion_reason = event.reason
+    elif isinstance(event, CheckpointDeleted):
+        ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.deleted")
+        if ckpt is not None:
+            ckpt.status = "deleted"
+            ckpt.deletion_requested = True
+            state.aliases = {a: c for a, c in state.aliases.items() if c != event.checkpoint_id}
+    elif isinstance(event, CorruptionDetected):
+        ckpt = _checkpoint(state, seq, event.checkpoint_id, "corruption.detected")
+        if ckpt is not None:
+            if event.location not in ckpt.corrupt_locations:
+                ckpt.corrupt_locations.append(event.location)
+            if ckpt.status in ("committed", "in_flight"):
+                ckpt.status = "corrupt"
+    elif isinstance(event, AttemptStarted):
+        _apply_attempt_started(state, event, seq, recorded_at)
+    elif isinstance(event, AttemptEnded):
+        ended = state.attempts.get(event.epoch)
+        if ended is None:
+            _anomaly(state, seq, f"attempt.ended for unknown epoch {event.epoch}")
+        else:
+            ended.status = event.reason
+            ended.reason = event.reason
+            ended.ended_at = recorded_at
+            ended.ended_seq = seq
+            if event.last_step is not None:
+                ended.last_step = event.last_step
+    elif isinstance(event, PreemptionSignalled):
+        if attempt is not None:
+            attempt.preempted_by = event.signal
+    elif isinstance(event, RunStarted):
+        if state.run is None:
+            state.run = RunInfo(
+                run_id=event.run_id, config=dict(event.config), config_hash=event.config_hash, code_id=event.code_id
+            )
+        else:
+            _anomaly(state, seq, "run.started appended twice")
+    return state
+
+
+def _apply_step(state: State, event: StepCompleted, epoch: int) -> None:
+    attempt = state.attempts.get(epoch)
+    if attempt is not None:
+        # Count by step deltas, not events: step.completed may be sampled.
+        previous = attempt.last_step if attempt.last_step is not None else attempt.first_step
+        if event.step > previous:
+            attempt.steps_run += event.step - previous
+            state.steps_run += event.step - previous
+        attempt.last_step = event.step
+    state.last_step = event.step
+
+
+def _apply_attempt_started(state: State, event: AttemptStarted, seq: int, recorded_at: float) -> None:
+    resumed_ckpt = state.checkpoints.get(event.resumed_from) if event.resumed_from else None
+    first_step = resumed_ckpt.step if resumed_ckpt is not None else 0
+    if event.resumed_from and resumed_ckpt is None:
+        _anomaly(state, seq, f"attempt {event.epoch} resumed from unknown checkpoint {event.resumed_from}")
+    # Work done past the point this attempt restarts from is lost to the restart.
+    frontier = state.last_step or 0
+    lost = max(0, frontier - first_step)
+    previous = state.attempts.get(state.current_epoch)
+    if previous is not None:
+        previous.steps_lost += lost
+        if previous.status == "running":
+            previous.status = "crashed"
+    state.steps_lost += lost
+    state.attempts[event.epoch] = AttemptState(
+        epoch=event.epoch,
+        started_seq=seq,
+        started_at=recorded_at,
+        job_id=event.job_id,
+        slurm=event.slurm,
+        host=event.host,
+        pid=event.pid,
+        world_size=event.world_size,
+        stack=event.stack,
+        topology=dict(event.topology),
+        resumed_from=event.resumed_from,
+        previous_topology=event.previous_topology,
+        first_step=first_step,
+        last_seq=seq,
+    )
+    state.current_epoch = max(state.current_epoch, event.epoch)
+    if state.last_step is not None or resumed_ckpt is not None:
+        state.last_step = first_step
+
+
+def fold(events: Iterable[Any], state: State | None = None) -> State:
+    """Fold stored events (objects with ``seq``, ``epoch``, ``recorded_at``, ``event``) into a state."""
+    state = state if state is not None else State()
+    for stored in events:
+        apply(state, stored.event, seq=stored.seq, epoch=stored.epoch, recorded_at=stored.recorded_at)
+    return state

@@ -1,0 +1,126 @@
+"""Retention: which checkpoints to delete (a pure plan), and deleting them crash-safely.
+
+The plan is a pure function of the projected state and a policy. It never lists
+a protected checkpoint (latest, best, resume target, pinned, in flight, aliased).
+Execution appends ``checkpoint.deletion_requested`` before touching any blob and
+``checkpoint.deleted`` after the last one is gone; a deletion interrupted by a
+crash shows up in the next plan as "finish interrupted deletion", so re-running
+always finishes the job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ledger import decisions
+from ledger.faults import crash_point
+from ledger.projection import State
+
+if TYPE_CHECKING:
+    from ledger.ledger import Ledger
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionPolicy:
+    """Which committed checkpoints to keep. ``None`` disables a rule; all ``None`` keeps everything."""
+
+    keep_last: int | None = None
+    """Keep the K highest-step committed checkpoints."""
+    keep_every: int | None = None
+    """Keep checkpoints whose step is a multiple of N (archival)."""
+    keep_best: int | None = None
+    """Keep the K best checkpoints by the run's metric rule."""
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every", "keep_best"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < (1 if name == "keep_every" else 0)):
+                raise ValueError(f"{name} must be a {'positive' if name == 'keep_every' else 'non-negative'} integer, got {value!r}")
+
+    @property
+    def active(self) -> bool:
+        """Whether any rule is set (an inactive policy deletes nothing)."""
+        return any(v is not None for v in (self.keep_last, self.keep_every, self.keep_best))
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RetentionPolicy":
+        """The policy recorded in a run's config (``keep_last``, ``keep_every``, ``keep_best``)."""
+        return cls(**{k: config.get(k) for k in ("keep_last", "keep_every", "keep_best")})
+
+    def describe(self) -> str:
+        parts = [f"{k.replace('_', '-')} {v}" for k, v in
+                 (("keep_last", self.keep_last), ("keep_every", self.keep_every), ("keep_best", self.keep_best)) if v is not None]
+        return ", ".join(parts) or "keep everything"
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """One planned deletion and why."""
+
+    checkpoint_id: str
+    step: int
+    reason: str
+    locations: tuple[str, ...]
+    bytes: int
+
+
+def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None = None) -> list[Deletion]:
+    """The checkpoints ``policy`` would delete now, with reasons. Pure; never includes a protected one."""
+    deletions: list[Deletion] = []
+    for ckpt in state.checkpoints.values():
+        if ckpt.deletion_requested and ckpt.status != "deleted":
+            deletions.append(_deletion(ckpt, f"finish interrupted deletion ({ckpt.deletion_reason or 'no reason'})"))
+        elif decisions.is_torn(state, ckpt):
+            deletions.append(_deletion(ckpt, f"torn save of attempt {ckpt.epoch}: never committed"))
+    if not policy.active:
+        return deletions
+    keep = decisions.protected(state, rule)
+    committed = [c for c in state.checkpoints.values() if c.status in ("committed", "corrupt") and not c.deletion_requested]
+    by_step = sorted(committed, key=lambda c: (c.step, c.committed_seq or 0), reverse=True)
+    if policy.keep_last is not None:
+        for ckpt in by_step[: policy.keep_last]:
+            keep.setdefault(ckpt.checkpoint_id, f"keep-last {policy.keep_last}")
+    if policy.keep_every is not None:
+        for ckpt in committed:
+            if ckpt.step % policy.keep_every == 0:
+                keep.setdefault(ckpt.checkpoint_id, f"keep-every {policy.keep_every}")
+    if policy.keep_best is not None:
+        for ckpt, _ in decisions.ranked_by_metric(state, rule or decisions.BestRule.of(state))[: policy.keep_best]:
+            keep.setdefault(ckpt.checkpoint_id, f"keep-best {policy.keep_best}")
+    for ckpt in by_step:
+        if ckpt.checkpoint_id not in keep:
+            why = "corrupt and not kept" if ckpt.status == "corrupt" else f"not kept by policy ({policy.describe()})"
+            deletions.append(_deletion(ckpt, why))
+    return deletions
+
+
+def _deletion(ckpt, reason: str) -> Deletion:
+    return Deletion(
+        checkpoint_id=ckpt.checkpoint_id,
+        step=ckpt.step,
+        reason=reason,
+        locations=tuple(s.location for s in ckpt.shards),
+        bytes=ckpt.bytes,
+    )
+
+
+def execute(ledger: "Ledger", deletions: list[Deletion], *, epoch: int) -> list[Deletion]:
+    """Carry out a plan: request, remove blobs, confirm — each step safe to repeat after a crash."""
+    from ledger.events import CheckpointDeleted, CheckpointDeletionRequested
+
+    done = []
+    for item in deletions:
+        ledger.append(
+            CheckpointDeletionRequested(checkpoint_id=item.checkpoint_id, reason=item.reason),
+            epoch=epoch,
+            event_id=f"{item.checkpoint_id}:deletion_requested",
+        )
+        crash_point("retention.after_deletion_requested")
+        for location in item.locations:
+            ledger.blobs.delete(location)
+            crash_point("retention.after_blob_removed")
+        ledger.append(CheckpointDeleted(checkpoint_id=item.checkpoint_id), epoch=epoch, event_id=f"{item.checkpoint_id}:deleted")
+        crash_point("retention.after_deleted")
+        done.append(item)
+    return done
