@@ -242,7 +242,9 @@ class Ledger:
             raise ValueError(f"sequence number must be >= 0, got {at}")
         state, seq, folded = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
         if at is None and isinstance(self._log, LogWriter):
-            self._cache = (seq, encode_state(state) if folded else self._cache[1])  # type: ignore[index]
+            # Cache the encoded state (bytes, immutable) so the next call folds only the tail.
+            if folded or self._cache is None or self._cache[0] != seq:
+                self._cache = (seq, encode_state(state))
             if folded >= SNAPSHOT_EVERY:
                 self._log.save_snapshot(seq, PROJECTION_VERSION, self._cache[1])
         return View(state, best_rule)
