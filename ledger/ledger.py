@@ -242,7 +242,10 @@ class Ledger:
             raise ValueError(f"sequence number must be >= 0, got {at}")
         state, seq, folded = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
         if at is None and isinstance(self._log, LogWriter):
-            self._cache = (seq, encode_state(state) if folded else self._cache[1])  # type: ignore[index]
+            # Reuse the cached bytes only when this state *is* the cache (nothing folded onto it);
+            # it may instead come from a newer snapshot another writer stored.
+            reuse = not folded and self._cache is not None and self._cache[0] == seq
+            self._cache = (seq, self._cache[1] if reuse else encode_state(state))  # type: ignore[index]
             if folded >= SNAPSHOT_EVERY:
                 self._log.save_snapshot(seq, PROJECTION_VERSION, self._cache[1])
         return View(state, best_rule)
