@@ -51,10 +51,16 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so that `cli` exists before commands attach to it.
+    from cli.audit_cmd import audit_command
+    from cli.gc_cmd import gc_command
     from cli.inspect_cmd import inspect_command
+    from cli.pin_cmd import pin_command, unpin_command
     from cli.replay_cmd import replay_command
+    from cli.tail_cmd import tail_command
+    from cli.timeline_cmd import timeline_command
 
-    for command in (inspect_command, replay_command):
+    for command in (inspect_command, replay_command, audit_command, gc_command, tail_command, pin_command,
+                    unpin_command, timeline_command):
         cli.add_command(command)
     from cli.train_cmd import train_command
     cli.add_command(train_command)
@@ -68,7 +74,10 @@ _register()
 def main() -> None:
     """Console-script entry point (``ckpt-ledger``)."""
     try:
-        cli.main(prog_name="ckpt-ledger", standalone_mode=False)
+        # Without standalone mode, click *returns* the code of ctx.exit(n) instead of exiting.
+        code = cli.main(prog_name="ckpt-ledger", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

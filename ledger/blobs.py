@@ -55,7 +55,7 @@ class BlobInfo:
 
 def check_component(value: str, what: str) -> str:
     """Reject ids that could escape the blob root or collide (``..``, slashes, empty)."""
-    if not _SAFE_ID.match(value):
+    if not _SAFE_ID.fullmatch(value):  # fullmatch: "$" alone lets a trailing newline through
         raise ValueError(f"{what} {value!r} must be letters, digits, '.', '_' or '-' and not start with a symbol")
     return value
 
