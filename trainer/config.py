@@ -26,6 +26,12 @@ class TrainerConfig:
     pp: int = 1
     """Pipeline-parallel degree (only stacks that declare pipeline parallelism accept > 1)."""
 
+    pp_schedule: str = "1F1B"
+    """Pipeline schedule of pipeline-parallel stacks: ``1F1B`` or ``GPipe``."""
+
+    pp_microbatches: int | None = None
+    """Microbatches per step of pipeline-parallel stacks (``None``: one per pipeline stage)."""
+
     steps: int = 300
     """The run's total step target. A resumed attempt continues until the run reaches it."""
 
@@ -82,7 +88,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         # Imported here: the registry imports torch, the config must stay cheap to build.
-        from trainer.stacks import PLANNED_STACKS, available_stacks
+        from trainer.stacks import PLANNED_STACKS, available_stacks, get_stack
 
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ValueError("run_dir must be a non-empty path")
@@ -90,6 +96,7 @@ class TrainerConfig:
             raise ValueError(f"stack {self.stack!r} is not implemented yet: {PLANNED_STACKS[self.stack]}")
         if self.stack not in available_stacks():
             raise ValueError(f"stack must be one of {', '.join(available_stacks())}, got {self.stack!r}")
+        get_stack(self.stack, self)  # the stack validates its own options (pp_schedule, pp_microbatches)
         for name in ("tp", "pp", "steps", "ckpt_every", "log_every", "warmup_steps"):
             _require_int(name, getattr(self, name), minimum=0 if name == "warmup_steps" else 1)
         for name in ("eval_every", "print_every"):

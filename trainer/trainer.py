@@ -97,7 +97,7 @@ class Trainer:
         cfg, ctx = self.config, self.ctx
 
         # 2. Device mesh: the stack validates tp/pp against the world and lays out the ranks.
-        self.stack = get_stack(cfg.stack)
+        self.stack = get_stack(cfg.stack, cfg)
         try:
             self.topology = self.stack.topology(ctx.world_size, tp=cfg.tp, pp=cfg.pp)
         except ValueError as err:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,9 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from trainer.stacks.base import LossFn, Stack, Topology
+
+if TYPE_CHECKING:
+    from trainer.config import TrainerConfig
 
 #: Pipeline schedules by name (``schedule=`` of :class:`TpppStack`).
 SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}
@@ -148,6 +151,11 @@ class TpppStack(Stack):
         self.microbatches = microbatches
         """Microbatches per step (``None``: one per pipeline stage)."""
         self._layout: _Layout | None = None
+
+    @classmethod
+    def from_config(cls, config: TrainerConfig) -> TpppStack:
+        """``schedule`` and ``microbatches`` from the run's ``pp_schedule`` and ``pp_microbatches``."""
+        return cls(schedule=config.pp_schedule, microbatches=config.pp_microbatches)
 
     # -- topology and validation (no process group needed) ----------------------------------------
 
