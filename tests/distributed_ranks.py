@@ -7,6 +7,7 @@ and the test fails with every rank's output instead of hanging.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
@@ -47,15 +50,17 @@ class RanksResult:
                          enumerate(zip(self.returncodes, self.outputs)))
 
 
-def run_ranks(script: str, args: list[str], nproc: int, *, timeout: float, log_dir: Path) -> RanksResult:
+def run_ranks(script: str, args: list[str], nproc: int, *, timeout: float, log_dir: Path,
+              env: dict[str, str] | None = None) -> RanksResult:
     """Run ``python tests/<script> args`` as ranks 0..nproc-1 of one job; kill all of them at ``timeout``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     procs, logs = [], []
     for rank in range(nproc):
         log = open(log_dir / f"rank{rank}.log", "w+b")  # noqa: SIM115 - closed below
-        env = rank_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(TESTS_DIR / script), *args], env=env, cwd=REPO_ROOT,
+        rank_vars = rank_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_PORT=port,
+                             **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, str(TESTS_DIR / script), *args], env=rank_vars, cwd=REPO_ROOT,
                                       stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
     deadline = time.monotonic() + timeout
@@ -79,6 +84,14 @@ def _read(log) -> str:  # noqa: ANN001 - a binary file object
     text = log.read().decode(errors="replace")
     log.close()
     return text
+
+
+def run_trainer(config: dict, nproc: int, *, out: Path, timeout: float) -> dict:
+    """One ``Trainer`` attempt on ``nproc`` ranks (tests/trainer_rank.py); returns what rank 0 loaded at start."""
+    result = run_ranks("trainer_rank.py", ["--config", json.dumps(config), "--out", str(out)], nproc,
+                       timeout=timeout, log_dir=out / "logs")
+    assert result.returncodes == [0] * nproc, result.describe()
+    return torch.load(out / "loaded.pt", weights_only=False)
 
 
 def run_cli(args: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from distributed_ranks import run_ranks
+from distributed_ranks import run_ranks, run_trainer
 from ledger import Ledger
 from trainer.checkpointing import Candidate
 from trainer.default_job import JobSpec
@@ -36,10 +36,7 @@ def train(run_dir: Path, *, stack: str, nproc: int, steps: int, tp: int = 1, pp:
     config = {"run_dir": str(run_dir), "stack": stack, "tp": tp, "pp": pp, "steps": steps, "ckpt_every": 2,
               "eval_every": 2, "log_every": 1, "print_every": 0, "warmup_steps": 1, "seed": 3, "job": SPEC.as_dict(),
               "dist_timeout_s": 60.0}
-    result = run_ranks("trainer_rank.py", ["--config", json.dumps(config), "--out", str(out)], nproc,
-                       timeout=RANK_TIMEOUT, log_dir=out / "logs")
-    assert result.returncodes == [0] * nproc, result.describe()
-    return torch.load(out / "loaded.pt", weights_only=False)
+    return run_trainer(config, nproc, out=out, timeout=RANK_TIMEOUT)
 
 
 def checkpoint_dir(run_dir: Path, checkpoint_id: str) -> Path:

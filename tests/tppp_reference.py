@@ -27,5 +27,5 @@ def reference_run(steps: int, dp: int) -> tuple[list[float], dict[str, torch.Ten
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}

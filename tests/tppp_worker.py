@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,11 +21,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
+from tppp_reference import LR, SEED, SPEC
 from trainer.default_job import MarkovText, TinyLM, lm_loss
 from trainer.stacks.tppp import TpppStack
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tppp_reference import SPEC, SEED, LR  # noqa: E402
 
 
 def build(stack: TpppStack, mesh, seed: int):

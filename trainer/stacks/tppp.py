@@ -317,10 +317,11 @@ class TpppStack(Stack):
         return model_state, optim_state
 
     def full_model_state(self, model: nn.Module) -> dict:
-        """The consolidated, plain-keyed state dict of the unsplit model on every rank (CPU tensors)."""
+        """The consolidated, plain-keyed state dict of the unsplit model on every rank (CPU copies)."""
         layout = self._require(model)
         local = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        local = {key: value.detach().cpu() for key, value in local.items()}
+        # Copies: a snapshot must not follow the live (replicated, unsharded) parameters.
+        local = {key: value.detach().to("cpu", copy=True) for key, value in local.items()}
         parts = [local]
         if layout.topology.pp > 1:
             parts = [None] * layout.topology.pp
