@@ -53,7 +53,7 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, steps:
     from trainer.config import TrainerConfig
     from trainer.default_job import JobSpec
     from trainer.launch import inside_external_launcher, launch
-    from trainer.stacks import PLANNED_STACKS, Topology
+    from trainer.stacks import PLANNED_STACKS, Topology, get_stack
 
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ and inside_external_launcher(os.environ) \
         else nproc
@@ -64,6 +64,10 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, steps:
     if stack in PLANNED_STACKS:
         raise CliError(f"--stack {stack} (tp={topology.tp} pp={topology.pp} dp={topology.dp}) is valid but "
                        f"not implemented yet: {PLANNED_STACKS[stack]}", EXIT_USAGE)
+    try:
+        get_stack(stack).topology(world, tp=tp, pp=pp)
+    except ValueError as err:
+        raise CliError(f"--stack {stack}: {err}", EXIT_USAGE) from None
     try:
         config = TrainerConfig(
             run_dir=run_dir, stack=stack, tp=tp, pp=pp, steps=steps, ckpt_every=ckpt_every, eval_every=eval_every,

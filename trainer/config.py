@@ -82,7 +82,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         # Imported here: the registry imports torch, the config must stay cheap to build.
-        from trainer.stacks import PLANNED_STACKS, available_stacks
+        from trainer.stacks import PLANNED_STACKS, available_stacks, get_stack
 
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ValueError("run_dir must be a non-empty path")
@@ -92,6 +92,7 @@ class TrainerConfig:
             raise ValueError(f"stack must be one of {', '.join(available_stacks())}, got {self.stack!r}")
         for name in ("tp", "pp", "steps", "ckpt_every", "log_every", "warmup_steps"):
             _require_int(name, getattr(self, name), minimum=0 if name == "warmup_steps" else 1)
+        get_stack(self.stack).topology(self.tp * self.pp, tp=self.tp, pp=self.pp)  # the stack's tp/pp limits
         for name in ("eval_every", "print_every"):
             _require_int(name, getattr(self, name), minimum=0)
         for name in ("keep_last", "keep_best"):
