@@ -71,6 +71,10 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
         raise CliError(f"--stack {stack} (tp={topology.tp} pp={topology.pp} dp={topology.dp}) is valid but "
                        f"not implemented yet: {PLANNED_STACKS[stack]}", EXIT_USAGE)
     try:
+        get_stack(stack).topology(world, tp=tp, pp=pp)
+    except ValueError as err:
+        raise CliError(f"--stack {stack}: {err}", EXIT_USAGE) from None
+    try:
         config = TrainerConfig(
             run_dir=run_dir, stack=stack, tp=tp, pp=pp, pp_schedule=pp_schedule, pp_microbatches=pp_microbatches,
             steps=steps, ckpt_every=ckpt_every, eval_every=eval_every,

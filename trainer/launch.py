@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 import uuid
@@ -32,6 +33,8 @@ from trainer.process_group import apply_single_node_defaults, under_srun
 
 #: How long the launcher lets signalled workers finish their checkpoint before killing them.
 SHUTDOWN_TIMEOUT_ENV = "CKPT_LEDGER_SHUTDOWN_TIMEOUT"
+#: ``fork`` or ``spawn``: how the elastic agent starts workers (default: fork on CPU-only hosts).
+START_METHOD_ENV = "CKPT_LEDGER_START_METHOD"
 PREEMPTION_AND_STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
@@ -79,12 +82,15 @@ def run_worker(config: dict[str, Any]) -> LaunchOutcome:
     except LedgerError as err:
         return LaunchOutcome(_ledger_exit_code(err), str(err).splitlines()[0])
     except Exception as err:
-        # A crash: say it in one line (the traceback goes to the agent's error file, or here with DEBUG).
+        # A crash: one line (a traceback with CKPT_LEDGER_DEBUG=1), then die at once. Crash-only:
+        # a broken process group can block interpreter teardown, and the launcher (or the next
+        # attempt) recovers from the ledger, not from this process.
         if debug_enabled():
             traceback.print_exc()
         print(f"ckpt-ledger: worker rank {os.environ.get('RANK', '?')} crashed: "
               f"{type(err).__name__}: {' '.join(str(err).split())[:300]}", file=sys.stderr, flush=True)
-        raise
+        sys.stdout.flush()
+        os._exit(EXIT_PROBLEM)
     return LaunchOutcome(outcome.exit_code, outcome.message)
 
 
@@ -101,6 +107,31 @@ def launch(config: dict[str, Any], *, nproc: int = 1, max_restarts: int = 0) -> 
     if nproc == 1 and max_restarts == 0:
         return run_worker(config)
     return _elastic(config, nproc=nproc, max_restarts=max_restarts)
+
+
+def _start_method() -> str:
+    """``fork`` on CPU-only hosts (workers skip re-importing torch; the launcher has touched no
+    device and runs no torch threads), ``spawn`` when CUDA is present. Override with
+    ``CKPT_LEDGER_START_METHOD``."""
+    chosen = os.environ.get(START_METHOD_ENV)
+    if chosen:
+        return chosen
+    import torch
+
+    return "spawn" if torch.cuda.is_available() else "fork"
+
+
+def run_elastic_worker(config: dict[str, Any]) -> LaunchOutcome:
+    """:func:`run_worker` as started by the elastic agent.
+
+    A forked worker inherits the agent's handlers, which turn SIGTERM/SIGINT/... into
+    exceptions meant for the agent; give the worker the usual ones back (the trainer then
+    catches SIGTERM/SIGUSR1 itself).
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return run_worker(config)
 
 
 def _newest_epoch(run_dir: str) -> int:
@@ -140,7 +171,7 @@ def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int) -> Launch
     apply_single_node_defaults(os.environ)
     if not debug_enabled():
         # The agent logs every worker it starts and stops; the user wants the job's output.
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     run_dir = config["run_dir"]
     epoch_before = _newest_epoch(run_dir)
     launch_config = LaunchConfig(
@@ -152,12 +183,12 @@ def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int) -> Launch
         rdzv_endpoint=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
         max_restarts=max_restarts,
         monitor_interval=0.1,
-        start_method="spawn",
+        start_method=_start_method(),
         signals_to_handle=PREEMPTION_AND_STOP_SIGNALS,
         shutdown_timeout=int(os.environ.get(SHUTDOWN_TIMEOUT_ENV, "600")),
     )
     try:
-        results = elastic_launch(launch_config, run_worker)(config)
+        results = elastic_launch(launch_config, run_elastic_worker)(config)
     except SignalException as sig:
         return _after_signal(run_dir, epoch_before, sig.sigval.name)
     except ChildFailedError as err:

@@ -15,6 +15,7 @@ saved per rank) and optionally ``eval_batches()`` (used every ``eval_every`` ste
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -113,7 +114,7 @@ class Trainer:
         try:
             self._setup(model_fn, data_fn)
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
 
     def _setup(self, model_fn: Callable[[], nn.Module], data_fn: Callable[..., Any]) -> None:
@@ -234,16 +235,17 @@ class Trainer:
     def fit(self) -> RunOutcome:
         """Train to ``config.steps``; checkpoint, evaluate, stop early on preemption or fencing."""
         try:
-            return self._fit()
+            outcome = self._fit()
         except BaseException:
             if self.journal is not None:
                 try:
                     self.journal.end_attempt("failed", self.step)
                 except LedgerError as err:  # the original error matters more; say why the record is missing
                     print(f"[ckpt-ledger] could not record the failed attempt: {err}", file=sys.stderr)
+            self.close(failed=True)
             raise
-        finally:
-            self.close()
+        self.close()
+        return outcome
 
     def _fit(self) -> RunOutcome:
         cfg = self.config
@@ -352,11 +354,21 @@ class Trainer:
         if self.ctx.is_coordinator:
             print(f"[ckpt-ledger] {message}", file=sys.stdout, flush=True)
 
-    def close(self) -> None:
-        """Stop catching signals, release the ledger and leave the process group (if we joined it)."""
+    def close(self, *, failed: bool = False) -> None:
+        """Stop catching signals, release the ledger and leave the process group (if we joined it).
+
+        After a failure the group may be broken (a peer died mid-collective) and destroying it
+        could block until the collective timeout, so it is left for process exit.
+        """
         self.preemption.uninstall()
         if self.journal is not None:
             self.journal.close()
             self.journal = None
-        if self.ctx.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if failed or not (self.ctx.owns_group and dist.is_initialized()):
+            return
+        # Drop everything holding the group (DDP's reducer, the mesh) first, so that the group is
+        # freed last, by destroy_process_group: a gloo group freed from DDP's reducer while the GIL
+        # is held can deadlock against its own worker threads (pytorch/pytorch#56297).
+        self.model = self.optimizer = self.scheduler = self.mesh = self.checkpointer = None  # type: ignore[assignment]
+        gc.collect()
+        dist.destroy_process_group()
