@@ -96,10 +96,10 @@ class TrainerConfig:
             raise ValueError(f"stack {self.stack!r} is not implemented yet: {PLANNED_STACKS[self.stack]}")
         if self.stack not in available_stacks():
             raise ValueError(f"stack must be one of {', '.join(available_stacks())}, got {self.stack!r}")
-        get_stack(self.stack, self)  # the stack validates its own options (pp_schedule, pp_microbatches)
         for name in ("tp", "pp", "steps", "ckpt_every", "log_every", "warmup_steps"):
             _require_int(name, getattr(self, name), minimum=0 if name == "warmup_steps" else 1)
-        get_stack(self.stack).topology(self.tp * self.pp, tp=self.tp, pp=self.pp)  # the stack's tp/pp limits
+        # The stack's tp/pp limits and its own options (pp_schedule, pp_microbatches).
+        get_stack(self.stack, self).topology(self.tp * self.pp, tp=self.tp, pp=self.pp)
         for name in ("eval_every", "print_every"):
             _require_int(name, getattr(self, name), minimum=0)
         for name in ("keep_last", "keep_best"):
