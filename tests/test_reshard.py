@@ -115,6 +115,17 @@ def test_fsdp2_checkpoint_resumes_under_ddp2(fsdp2_run, tmp_path):
 
 
 @pytest.mark.timeout(2 * RANK_TIMEOUT + 30)
+def test_fsdp2_checkpoint_resumes_under_tppp_pp2(fsdp2_run, tmp_path):
+    # Each pipeline stage picks its blocks' weights and optimizer state out of the whole-model checkpoint.
+    run_dir = tmp_path / "run"
+    shutil.copytree(fsdp2_run, run_dir)
+    checkpoint = Ledger.open(run_dir, read_only=True).projection().latest.checkpoint_id
+    loaded = train(run_dir, stack="tppp", pp=2, nproc=2, steps=6, out=tmp_path / "resumed")
+    assert_resumed(run_dir, loaded, from_checkpoint=checkpoint, saved_by=FSDP2, steps=6, check_optimizer=False,
+                   now={"world_size": 2, "stack": "tppp", "tp": 1, "pp": 2, "dp": 1})
+
+
+@pytest.mark.timeout(2 * RANK_TIMEOUT + 30)
 def test_tppp_2x2_checkpoint_resumes_under_fsdp2(tmp_path):
     run_dir = tmp_path / "run"
     train(run_dir, stack="tppp", tp=2, pp=2, nproc=4, steps=4, out=tmp_path / "first")

@@ -47,10 +47,10 @@ def test_split_training_matches_the_unsplit_model(tmp_path, tp, pp, nproc, sched
     assert report["topology"] == {"tp": tp, "pp": pp, "dp": dp}
 
     # Same losses (every rank reports the dp-mean) and weights as one process on all dp ranks' batches.
-    ref_losses, ref_weights = reference_run(STEPS, dp)
+    ref_losses, ref_eval, ref_weights = reference_run(STEPS, dp)
     for rank in ranks:
         assert rank["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
-        assert rank["eval_loss"] == ranks[0]["eval_loss"]
+        assert rank["eval_loss"] == ranks[0]["eval_loss"] == pytest.approx(ref_eval, rel=1e-4)
     full = torch.load(tmp_path / "full.pt")
     assert list(full) == list(ref_weights)
     for key, value in ref_weights.items():

@@ -12,8 +12,9 @@ SEED = 7
 LR = 1e-2
 
 
-def reference_run(steps: int, dp: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses and final weights of one process training on every dp rank's batches at once."""
+def reference_run(steps: int, dp: int) -> tuple[list[float], float, dict[str, torch.Tensor]]:
+    """Losses, final eval loss (mean over dp ranks' first eval batch) and final weights of one
+    process training on every dp rank's batches at once."""
     torch.manual_seed(SEED)
     model = TinyLM(SPEC)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -28,4 +29,7 @@ def reference_run(steps: int, dp: int) -> tuple[list[float], dict[str, torch.Ten
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        evals = [lm_loss(model(x), y) for x, y in (next(iter(s.eval_batches())) for s in streams)]
+    return losses, torch.stack(evals).mean().item(), {k: v.detach().clone() for k, v in model.state_dict().items()}
