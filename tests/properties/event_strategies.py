@@ -152,11 +152,15 @@ def plausible_log(draw, max_actions: int = 40) -> list[Entry]:
     open_ckpts: dict[str, list[int]] = {}
     committed: list[tuple[str, int]] = []
     actions = draw(st.lists(st.sampled_from(
-        ["attempt", "steps", "checkpoint", "shard", "commit", "abort", "metric", "pin", "unpin", "delete", "alias",
-         "corrupt", "end", "preempt"]), max_size=max_actions))
+        ["attempt", "steps", "steps", "checkpoint", "save", "save", "save", "shard", "commit", "abort", "metric",
+         "metric", "pin", "unpin", "delete", "alias", "corrupt", "end", "preempt"]), min_size=min(8, max_actions),
+        max_size=max_actions))
     for action in actions:
         if action == "attempt" or epoch == 0:
+            # Usually the highest step; sometimes an older one (`--resume ID`), so steps can go back.
             resumed = max(committed, key=lambda c: c[1], default=None)
+            if committed and draw(st.integers(0, 3)) == 0:
+                resumed = draw(st.sampled_from(committed))
             step = resumed[1] if resumed else 0
             epoch += 1
             entries.append(Entry(AttemptStarted(epoch=epoch, host="h", pid=1, resumed_from=resumed and resumed[0]), "begin"))
@@ -164,11 +168,17 @@ def plausible_log(draw, max_actions: int = 40) -> list[Entry]:
         elif action == "steps":
             step += draw(st.integers(1, 5))
             entries.append(Entry(StepCompleted(step=step, metrics={"loss": draw(finite)}), "current"))
-        elif action == "checkpoint":
+        elif action in ("checkpoint", "save"):
             cid = f"k{n}"
             n += 1
             open_ckpts[cid] = draw(st.lists(ranks, min_size=1, max_size=3, unique=True))
             entries.append(Entry(CheckpointStarted(checkpoint_id=cid, step=step, ranks=sorted(open_ckpts[cid])), "current"))
+            if action == "save":  # the whole two-phase protocol at once: the common case
+                for rank in open_ckpts.pop(cid):
+                    entries.append(Entry(ShardWritten(checkpoint_id=cid, rank=rank, location=f"blobs/{cid}/e{epoch}/r{rank}",
+                                                      bytes=10, hash="blake2b:00"), "current"))
+                committed.append((cid, step))
+                entries.append(Entry(CheckpointCommitted(checkpoint_id=cid, step=step), "current"))
         elif action == "shard" and open_ckpts:
             cid = draw(st.sampled_from(sorted(open_ckpts)))
             if open_ckpts[cid]:
@@ -190,8 +200,9 @@ def plausible_log(draw, max_actions: int = 40) -> list[Entry]:
             cid, at = draw(st.sampled_from(committed))  # possibly long after later checkpoints: a late metric
             entries.append(Entry(MetricRecorded(name=draw(st.sampled_from(METRICS)), value=draw(finite), step=at,
                                                 checkpoint_id=draw(st.sampled_from([cid, None]))), "current"))
-        elif action in ("pin", "unpin", "alias", "corrupt") and committed:
-            cid, _ = draw(st.sampled_from(committed))
+        elif action in ("pin", "unpin", "alias", "corrupt") and (committed or open_ckpts):
+            # Also saves still in flight (which may then be torn by the next attempt).
+            cid = draw(st.sampled_from([c for c, _ in committed] + sorted(open_ckpts)))
             event = {"pin": CheckpointPinned(checkpoint_id=cid), "unpin": CheckpointUnpinned(checkpoint_id=cid),
                      "alias": AliasPromoted(alias=draw(st.sampled_from(ALIASES)), checkpoint_id=cid),
                      "corrupt": CorruptionDetected(checkpoint_id=cid, location=f"blobs/{cid}/x", expected_hash="blake2b:00")}
