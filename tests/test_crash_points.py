@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKLOAD = Path(__file__).parent / "workloads" / "ledger_writer.py"
 CHECKPOINTS = 5
 
-# Count the crash points that fire in this module (reported in docs/reliability.md).
-CRASHES = {"injected": 0}
+
+
 
 
 def run_writer(run_dir: Path, crash_at: str | None) -> subprocess.CompletedProcess:
@@ -59,11 +59,11 @@ def check_invariants(run_dir: Path, acks: dict[int, str]) -> None:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("point", sorted(CRASH_POINTS))
 @pytest.mark.parametrize("occurrence", [1, 3])
-def test_crash_then_recover(tmp_path, point, occurrence):
+def test_crash_then_recover(tmp_path, point, occurrence, crash_counter):
     run_dir = tmp_path / "run"
     crashed = run_writer(run_dir, f"{point}:{occurrence}")
     assert crashed.returncode == -signal.SIGKILL, f"crash point {point} never fired: {crashed.stderr[-500:]}"
-    CRASHES["injected"] += 1
+    crash_counter("crash_points")
     check_invariants(run_dir, acknowledged(crashed.stdout))
 
     # Restart: a new attempt resumes from the projection and completes the run.
