@@ -218,7 +218,10 @@ class AtomicFile:
 
     def write(self, data: bytes | memoryview) -> int:
         """Append bytes (hashing them on the way)."""
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as err:
+            raise LedgerWriteError(f"could not write shard {self.final}: {err}") from err
         self._hasher.update(data)
         self.size += len(data)
         return len(data)

@@ -67,6 +67,7 @@ class Ledger:
         self._log = log
         self.blobs = LocalBlobStore(run_dir)
         self._cache: tuple[int, bytes] | None = None  # (seq, encoded state) of the newest projection
+        self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike[str], *, read_only: bool = False) -> "Ledger":
@@ -248,12 +249,17 @@ class Ledger:
             raise ValueError(f"sequence number must be >= 0, got {at}")
         state, seq, folded = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
         if at is None and isinstance(self._log, LogWriter):
-            # Reuse the cached bytes only when this state *is* the cache (nothing folded onto it);
-            # it may instead come from a newer snapshot another writer stored.
-            reuse = not folded and self._cache is not None and self._cache[0] == seq
-            self._cache = (seq, self._cache[1] if reuse else encode_state(state))  # type: ignore[index]
-            if folded >= SNAPSHOT_EVERY:
+            # Cache the encoded state (bytes, immutable) so the next call folds only the tail.
+            if folded or self._cache is None or self._cache[0] != seq:
+                self._cache = (seq, encode_state(state))
+            # Snapshot by distance from the last one, not by this call's tail: a trainer
+            # projects after every commit, folding a few events at a time.
+            if self._snapshot_seq is None:
+                self._snapshot_seq = self._log.query(
+                    lambda c: (latest_snapshot(c, at_most=seq, projection_version=PROJECTION_VERSION) or (0, b""))[0])
+            if seq - self._snapshot_seq >= SNAPSHOT_EVERY:
                 self._log.save_snapshot(seq, PROJECTION_VERSION, self._cache[1])
+                self._snapshot_seq = seq
         return View(state, best_rule)
 
     def _fold_to(self, conn: sqlite3.Connection, at: int | None) -> tuple[State, int, int]:

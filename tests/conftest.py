@@ -50,3 +50,30 @@ def files_under(root: Path) -> dict[str, bytes]:
 def snapshot_files():
     """``snapshot_files(root)`` -> {relative path: bytes} of everything under ``root``."""
     return files_under
+
+
+# -- injected-crash accounting (docs/reliability.md quotes these totals) --------------------
+
+_CRASHES: dict[str, int] = {}
+
+
+def count_crash(source: str, n: int = 1) -> None:
+    """Record ``n`` injected crashes (SIGKILLs, abandoned handles) attributed to ``source``."""
+    _CRASHES[source] = _CRASHES.get(source, 0) + n
+
+
+@pytest.fixture
+def crash_counter():
+    """``crash_counter(source, n=1)``: count injected crashes toward the suite total."""
+    return count_crash
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN001 - pytest hook
+    if not _CRASHES:
+        return
+    total = sum(_CRASHES.values())
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(_CRASHES.items()))
+    terminalreporter.write_line(f"injected crashes: {total} ({parts})")
+    out = os.environ.get("CKPT_LEDGER_CRASH_REPORT")
+    if out:
+        Path(out).write_text("".join(f"{k}\t{v}\n" for k, v in sorted(_CRASHES.items())) + f"total\t{total}\n")

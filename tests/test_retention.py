@@ -98,7 +98,7 @@ def test_execute_requests_before_removing_blobs_and_confirms_after(led):
     led.blobs.delete = delete
     done = led.apply_retention(RetentionPolicy(keep_last=1), epoch=None)
     assert [d.checkpoint_id for d in done] == ["s10"]
-    assert seen == [(old, True, "committed")]
+    assert seen == [(old, True, "deleted")]  # never loadable once deletion is requested
     tags = [s.tag for s in led.events()][-2:]
     assert tags == ["checkpoint.deletion_requested", "checkpoint.deleted"]
     assert led.projection().checkpoints["s10"].status == "deleted"
@@ -125,7 +125,7 @@ def test_crash_between_request_and_deleted_is_finished_by_the_next_run(led, monk
         led.apply_retention(RetentionPolicy(keep_last=1), epoch=None)
     monkeypatch.undo()
     view = Ledger.open(led.run_dir, read_only=True).projection()
-    assert view.checkpoints["s10"].deletion_requested and view.checkpoints["s10"].status == "committed"
+    assert view.checkpoints["s10"].deletion_requested and not view.checkpoints["s10"].deletion_done
     assert view.resume.checkpoint_id == "s20" and not view.checkpoints["s10"].usable
     # The next run, under any policy (even none), finishes the job.
     with Ledger.open(led.run_dir) as again:
