@@ -18,6 +18,16 @@ from cli.options import debug_enabled
 from ledger.errors import LedgerError
 
 
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # stdout has no file descriptor (e.g. under a test runner): nothing left to flush
+    finally:
+        os.close(devnull)
+
+
 class LedgerGroup(click.Group):
     """A click group that turns library errors into one-line messages with contract exit codes."""
 
@@ -28,7 +38,10 @@ class LedgerGroup(click.Group):
             raise
         except (LedgerError, ValueError, OSError) as exc:
             if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
-                raise
+                # `ckpt-ledger replay DIR | head -1`: the reader left. Exit quietly like other Unix
+                # tools (click would exit 1); stdout goes to /dev/null so the final flush cannot fail.
+                _silence_stdout()
+                raise click.exceptions.Exit(0) from None
             if debug_enabled():
                 traceback.print_exc()
             raise translate(exc) from exc
@@ -96,8 +109,7 @@ def main() -> None:
         sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
     except BrokenPipeError:
         # `ckpt-ledger replay DIR | head`: the reader left; exit quietly like other Unix tools.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         sys.exit(0)
     except KeyboardInterrupt:
         sys.exit(130)

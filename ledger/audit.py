@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ledger import decisions
 from ledger.gc import may_be_in_progress, stray_files
 from ledger.projection import PROJECTION_VERSION, CheckpointState, State, encode_state
+from ledger.store import trailing_garbage
 
 if TYPE_CHECKING:
     from ledger.ledger import Ledger
@@ -174,14 +175,12 @@ def _ledger_integrity(led: "Ledger", *, thorough: bool) -> list[Finding]:
         found.append(Finding("fencing", PROBLEM, name, f"meta max_epoch {facts['max_epoch']} is below the newest "
                              f"event epoch {facts['event_epoch']}: fencing cannot stop a zombie attempt",
                              "restore ledger.db from a backup"))
-    wal = led.path.with_name(led.path.name + "-wal")
-    expected = facts["page_count"] * facts["page_size"]
-    size = led.path.stat().st_size
-    if not wal.exists() and size > expected:
+    if garbage := trailing_garbage(led.path):
+        size = led.path.stat().st_size
         found.append(Finding("trailing_garbage", PROBLEM, name,
-                             f"{size - expected} bytes past the database's last page ({size} > {facts['page_count']} "
-                             f"pages x {facts['page_size']}): something appended to the file",
-                             f"back it up, then `truncate -s {expected} {led.path}`"))
+                             f"{garbage} bytes past the database's last page ({facts['page_count']} pages x "
+                             f"{facts['page_size']}): something appended to the file; writers refuse it",
+                             f"back it up, then `truncate -s {size - garbage} {led.path}`"))
     return found
 
 

@@ -323,6 +323,8 @@ class LogWriter:
         ids = [i or uuid.uuid4().hex for i in (event_ids or [None] * len(events))]
         if len(ids) != len(events):
             raise ValueError("event_ids must match events one to one")
+        if len(set(ids)) != len(ids):
+            raise ValueError("an event id repeats within one append; give each event its own id")
         with self._transaction(f"append {len(events)} event(s)") as conn:
             existing = dict(
                 conn.execute(

@@ -186,3 +186,47 @@ def cli_env(**extra: str) -> dict[str, str]:
 def cli_argv(*args: str) -> list[str]:
     """``[python, -m, cli, *args]``."""
     return [sys.executable, "-m", "cli", *map(str, args)]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001 - pytest's capsys
+    """Run the real ``ckpt-ledger`` entry point in-process; returns (exit code, stdout, stderr)."""
+    from cli.main import main
+
+    saved = sys.argv
+    sys.argv = ["ckpt-ledger", *map(str, argv)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+#: A writer that commits two checkpoints and then starts a third; run it with
+#: CKPT_LEDGER_CRASH_AT=ledger.before_commit:3 and it is SIGKILLed with every shard of
+#: the third recorded but no commit (argv[1] is the run directory).
+KILLED_WRITER = """
+import sys
+from pathlib import Path
+from runs import save_checkpoint, start, train_steps
+led = start(Path(sys.argv[1]))
+attempt = led.begin_attempt(job_id="3001", world_size=2, stack="ddp")
+for step in (10, 20, 30):
+    train_steps(led, attempt.epoch, step - 9, step)
+    save_checkpoint(led, attempt.epoch, step)
+raise SystemExit("the crash point did not fire")
+"""
+
+
+def run_killed_writer(run_dir: Path) -> int:
+    """Run :data:`KILLED_WRITER` in a real process; returns its exit status (-9 when killed as planned)."""
+    import subprocess
+
+    env = cli_env(CKPT_LEDGER_CRASH_AT="ledger.before_commit:3")
+    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(run_dir)], env=env, capture_output=True,
+                          timeout=120)
+    return proc.returncode
