@@ -42,6 +42,12 @@ from ledger.view import View
 #: A writer stores a snapshot once this many events have accumulated past the last one.
 SNAPSHOT_EVERY = 5000
 
+#: Facts after which a checkpoint can never be committed (a pin, alias or metric does not end it).
+_ENDS_IN_FLIGHT = frozenset({
+    "checkpoint.committed", "checkpoint.aborted", "checkpoint.deletion_requested", "checkpoint.deleted",
+    "corruption.detected",
+})
+
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
@@ -61,6 +67,7 @@ class Ledger:
         self._log = log
         self.blobs = LocalBlobStore(run_dir)
         self._cache: tuple[int, bytes] | None = None  # (seq, encoded state) of the newest projection
+        self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike[str], *, read_only: bool = False) -> "Ledger":
@@ -178,7 +185,7 @@ class Ledger:
                     started = ev
                 elif isinstance(ev, ShardWritten):
                     shards[ev.location] = ev
-                elif stored.tag != "metric.recorded" and not isinstance(ev, (CheckpointStarted, ShardWritten)):
+                elif stored.tag in _ENDS_IN_FLIGHT:
                     ended = ended or stored.tag
             if started is None:
                 raise IncompleteCheckpointError(f"cannot commit {checkpoint_id}: it was never begun")
@@ -242,9 +249,17 @@ class Ledger:
             raise ValueError(f"sequence number must be >= 0, got {at}")
         state, seq, folded = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
         if at is None and isinstance(self._log, LogWriter):
-            self._cache = (seq, encode_state(state) if folded else self._cache[1])  # type: ignore[index]
-            if folded >= SNAPSHOT_EVERY:
+            # Cache the encoded state (bytes, immutable) so the next call folds only the tail.
+            if folded or self._cache is None or self._cache[0] != seq:
+                self._cache = (seq, encode_state(state))
+            # Snapshot by distance from the last one, not by this call's tail: a trainer
+            # projects after every commit, folding a few events at a time.
+            if self._snapshot_seq is None:
+                self._snapshot_seq = self._log.query(
+                    lambda c: (latest_snapshot(c, at_most=seq, projection_version=PROJECTION_VERSION) or (0, b""))[0])
+            if seq - self._snapshot_seq >= SNAPSHOT_EVERY:
                 self._log.save_snapshot(seq, PROJECTION_VERSION, self._cache[1])
+                self._snapshot_seq = seq
         return View(state, best_rule)
 
     def _fold_to(self, conn: sqlite3.Connection, at: int | None) -> tuple[State, int, int]:

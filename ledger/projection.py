@@ -75,7 +75,8 @@ class CheckpointState(msgspec.Struct, kw_only=True):
     shards: list[ShardState] = []
     committed_seq: int | None = None
     abort_reason: str | None = None
-    deletion_requested: bool = False
+    deletion_requested: bool = False  # status becomes "deleted" at the request: never load it again
+    deletion_done: bool = False  # checkpoint.deleted seen: every blob is gone
     deletion_reason: str | None = None
     pinned: bool = False
     corrupt_locations: list[str] = []
@@ -89,7 +90,7 @@ class CheckpointState(msgspec.Struct, kw_only=True):
     @property
     def usable(self) -> bool:
         """Committed, not corrupt, not (being) deleted: safe to load."""
-        return self.status == "committed" and not self.deletion_requested
+        return self.status == "committed"
 
 
 class AttemptState(msgspec.Struct, kw_only=True):
@@ -226,11 +227,13 @@ def apply(state: State, event: Event, *, seq: int, epoch: int, recorded_at: floa
         if ckpt is not None:
             ckpt.deletion_requested = True
             ckpt.deletion_reason = event.reason
+            ckpt.status = "deleted"
     elif isinstance(event, CheckpointDeleted):
         ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.deleted")
         if ckpt is not None:
             ckpt.status = "deleted"
             ckpt.deletion_requested = True
+            ckpt.deletion_done = True
             state.aliases = {a: c for a, c in state.aliases.items() if c != event.checkpoint_id}
     elif isinstance(event, CorruptionDetected):
         ckpt = _checkpoint(state, seq, event.checkpoint_id, "corruption.detected")
