@@ -42,7 +42,7 @@ DCP_METADATA_FILE = ".metadata"
 
 def checkpoint_id_for(step: int, epoch: int) -> str:
     """Checkpoint ids sort by step and never collide across attempts (a re-run step gets a new id)."""
-    return f"step{step:08d}-e{epoch}"
+    return f"step{step:06d}-e{epoch}"
 
 
 class RecordingWriter(FileSystemWriter):
