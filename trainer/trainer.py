@@ -237,7 +237,7 @@ class Trainer:
                 self.journal.step_completed(self.step, {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0]})
                 if self.step % cfg.log_every == 0:
                     self.journal.flush_steps()
-            if cfg.print_every and self.step % cfg.print_every == 0:
+            if cfg.print_every and (self.step % cfg.print_every == 0 or self.step == started_step + 1):
                 rate = (self.step - started_step) / max(time.perf_counter() - started, 1e-9)
                 mean = all_reduce_mean(loss)
                 self._say(f"step {self.step}/{cfg.steps}  loss {mean:.4f}  {rate:.1f} steps/s")
