@@ -184,9 +184,9 @@ class Checkpointer:
     def _write_and_hash(self, state: dict[str, Any], location: str) -> RankReport:
         rank = self.ctx.rank
         directory = self.blobs.path(location)
+        writer = RecordingWriter(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            writer = RecordingWriter(directory)
             dcp.save(state, storage_writer=writer)
             fsync_dir(directory)
             shards = []
@@ -195,6 +195,8 @@ class Checkpointer:
                 shards.append(ShardFact(rank=rank, location=f"{location}/{name}", bytes=size, hash=digest))
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported; the coordinator aborts with it
             # (DCP's CheckpointException derives from BaseException, so it is named explicitly.)
+            for name in writer.written:  # the checkpoint will be aborted: remove what this rank wrote
+                self.blobs.delete(f"{location}/{name}")
             return RankReport(rank, (), _one_line(err))
         crash_point("trainer.after_shard_write")
         crash_point(f"trainer.rank{rank}.after_shard_write")
