@@ -137,9 +137,3 @@ def test_train_usage_errors_exit_2_with_one_line(tmp_path, args, message):
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "ledger.db").exists()
-
-
-def test_train_and_export_help_show_an_example():
-    for command in ("train", "export"):
-        done = run_cli(command, "--help", timeout=60)
-        assert done.returncode == 0 and "Example" in done.stdout, done.stdout

@@ -7,7 +7,7 @@ import pytest
 from ledger import Ledger
 from trainer.default_job import JobSpec, TinyLM
 from trainer.identity import config_hash
-from trainer_support import events_of, reference_run, view_of
+from trainer_support import QUICK, cli_env, committed_steps, events_of, reference_run, run_cli, view_of
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -57,3 +57,29 @@ def test_two_process_run_commits_every_rank_shards(tmp_path_factory, stack):
     plain = TinyLM(JobSpec()).state_dict()
     assert sorted(exported) == sorted(plain)
     assert all(exported[k].shape == plain[k].shape for k in plain)
+
+
+def test_a_rank_failing_to_write_aborts_the_checkpoint_and_training_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    # Rank 1's shard file of the first checkpoint cannot be created: a directory is in its place.
+    (run_dir / "blobs" / "step000010-e1" / "e1" / "__1_0.distcp").mkdir(parents=True)
+    done = run_cli("train", "--run-dir", str(run_dir), "--nproc", "2", *QUICK)
+    assert done.returncode == 0, done.stderr
+    view = view_of(run_dir)
+    first = view.checkpoints["step000010-e1"]
+    assert first.status == "aborted" and "rank 1" in first.abort_reason
+    assert [e.tag for e in events_of(run_dir) if getattr(e.event, "checkpoint_id", None) == "step000010-e1"] == [
+        "checkpoint.started", "checkpoint.aborted"]  # no shard recorded, never committed
+    assert committed_steps(run_dir) == [20, 30] and view.attempts[0].status == "completed"
+
+
+def test_a_rank_dying_mid_checkpoint_leaves_it_aborted(tmp_path, crash_counter):
+    run_dir = tmp_path / "run"
+    done = run_cli("train", "--run-dir", str(run_dir), "--nproc", "2", *QUICK,
+                   env=cli_env(CKPT_LEDGER_CRASH_AT="trainer.rank1.after_shard_write"))
+    crash_counter("trainer.rank1.after_shard_write")
+    assert done.returncode == 1, done.stderr
+    view = view_of(run_dir)
+    [ckpt] = view.checkpoints.values()
+    assert ckpt.status == "aborted" and "lost a rank" in ckpt.abort_reason
+    assert view.attempts[0].status == "failed"

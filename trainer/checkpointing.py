@@ -28,6 +28,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ledger import CorruptBlobError, IncompleteCheckpointError, LocalBlobStore, RetentionPolicy
 from ledger.blobs import fsync_dir
@@ -42,7 +43,18 @@ DCP_METADATA_FILE = ".metadata"
 
 def checkpoint_id_for(step: int, epoch: int) -> str:
     """Checkpoint ids sort by step and never collide across attempts (a re-run step gets a new id)."""
-    return f"step{step:08d}-e{epoch}"
+    return f"step{step:06d}-e{epoch}"
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` on one line; for DCP's aggregated error, each failing rank's own error."""
+    if isinstance(err, CheckpointException):
+        # Each failure is (exception, stack summary).
+        causes = "; ".join(f"rank {r}: {type(e[0]).__name__}: {e[0]}" for r, e in sorted(err.failures.items()))
+        text = f"write failed on {causes}"
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return " ".join(text.split())[:400]
 
 
 class RecordingWriter(FileSystemWriter):
@@ -172,26 +184,33 @@ class Checkpointer:
     def _write_and_hash(self, state: dict[str, Any], location: str) -> RankReport:
         rank = self.ctx.rank
         directory = self.blobs.path(location)
+        writer = RecordingWriter(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            writer = RecordingWriter(directory)
             dcp.save(state, storage_writer=writer)
             fsync_dir(directory)
             shards = []
             for name in writer.written:
                 digest, size = self.blobs.hash_file(f"{location}/{name}")
                 shards.append(ShardFact(rank=rank, location=f"{location}/{name}", bytes=size, hash=digest))
-        except Exception as err:  # noqa: BLE001 - reported to the coordinator, which aborts with this reason
-            return RankReport(rank, (), f"{type(err).__name__}: {' '.join(str(err).split())[:300]}")
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported; the coordinator aborts with it
+            # (DCP's CheckpointException derives from BaseException, so it is named explicitly.)
+            for name in writer.written:  # the checkpoint will be aborted: remove what this rank wrote
+                self.blobs.delete(f"{location}/{name}")
+            return RankReport(rank, (), _one_line(err))
         crash_point("trainer.after_shard_write")
         crash_point(f"trainer.rank{rank}.after_shard_write")
         return RankReport(rank, tuple(shards))
 
     def _decide(self, journal: RunJournal, checkpoint_id: str, step: int, reports: list[RankReport]) -> SaveOutcome:
         """Rank 0: commit when every rank wrote its files, abort with every failing rank's reason otherwise."""
-        errors = [f"rank {r.rank}: {r.error}" for r in reports if r.error is not None]
-        if errors:
-            reason = "; ".join(errors)
+        by_error: dict[str, list[int]] = {}
+        for report in reports:
+            if report.error is not None:  # DCP reports one rank's failure on every rank: group them
+                by_error.setdefault(report.error, []).append(report.rank)
+        if by_error:
+            reason = "; ".join(f"reported by rank(s) {','.join(map(str, ranks))}: {error}"
+                               for error, ranks in by_error.items())
             journal.abort_checkpoint(checkpoint_id, reason)
             return SaveOutcome(checkpoint_id, step, committed=False, reason=reason, fenced_by=journal.fenced_by)
         try:

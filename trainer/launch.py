@@ -7,13 +7,13 @@
   restarting all of them up to ``--max-restarts`` times after a worker dies; each
   restart is a new attempt that resumes from the ledger's projection.
 
-Preemption: the agent catches SIGTERM/SIGUSR1 sent to the launcher alone and forwards
-it to the workers, then waits (``CKPT_LEDGER_SHUTDOWN_TIMEOUT`` seconds, default 600)
-for them to checkpoint instead of killing them; when the whole process group is
-signalled (``scancel``) the workers get it directly as well, which is harmless. Workers
-report preemption and fencing as return values rather than exit codes, so the agent
-never restarts a preempted or fenced job. After a signal the launcher reads how the
-attempt ended from the ledger and exits 75 only if it ended ``preempted`` (state saved).
+Preemption: the launcher catches SIGTERM/SIGUSR1 itself (the agent only handles
+SIGINT/SIGHUP/SIGQUIT, which stop everything) and forwards it to the workers, then keeps
+waiting for them like any other run: they checkpoint at the next step boundary and
+return "preempted". When the whole process group is signalled (``scancel``) the
+workers get it directly too, which is harmless. Workers report preemption, fencing
+and refusals as return values rather than exit codes, so the agent never restarts a
+preempted or fenced job.
 """
 
 from __future__ import annotations
@@ -22,20 +22,23 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from ledger import CorruptLedgerError, LedgerError, LedgerNotFoundError, SchemaTooNewError
-from trainer.errors import EXIT_PREEMPTED, EXIT_PROBLEM, EXIT_USAGE, TrainerError
+from trainer.errors import EXIT_PROBLEM, EXIT_USAGE, TrainerError
+from trainer.preemption import PREEMPTION_SIGNALS, PreemptionWatch
 from trainer.process_group import apply_single_node_defaults, under_srun
 
-#: How long the launcher lets signalled workers finish their checkpoint before killing them.
-SHUTDOWN_TIMEOUT_ENV = "CKPT_LEDGER_SHUTDOWN_TIMEOUT"
 #: ``fork`` or ``spawn``: how the elastic agent starts workers (default: fork on CPU-only hosts).
 START_METHOD_ENV = "CKPT_LEDGER_START_METHOD"
-PREEMPTION_AND_STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+#: The signals the elastic agent handles (by stopping every worker); preemption signals are ours.
+AGENT_STOP_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +60,23 @@ def _ledger_exit_code(err: LedgerError) -> int:
     return EXIT_PROBLEM
 
 
-def run_worker(config: dict[str, Any]) -> LaunchOutcome:
+def run_worker(config: dict[str, Any], preemption: PreemptionWatch | None = None) -> LaunchOutcome:
     """Train as one rank of the job; every rank returns the same outcome.
 
     Known refusals (a missing ``--resume`` checkpoint, a fenced attempt, bad input) are
     returned, not raised, so that an elastic agent does not restart them. Anything else
-    is a crash: it propagates, and the agent may restart the workers.
+    is a crash: this process exits 1 at once, and the agent may restart the workers.
     """
+    own_watch = preemption is None
+    preemption = preemption or PreemptionWatch().install()
+    try:
+        return _train(config, preemption)
+    finally:
+        if own_watch:
+            preemption.uninstall()
+
+
+def _train(config: dict[str, Any], preemption: PreemptionWatch) -> LaunchOutcome:
     import torch
 
     from trainer.config import TrainerConfig
@@ -76,7 +89,8 @@ def run_worker(config: dict[str, Any]) -> LaunchOutcome:
     job_fields = {k: v for k, v in cfg.job.items() if k != "name"}
     model_fn, data_fn, loss_fn, _ = default_job(JobSpec(**job_fields))
     try:
-        outcome = Trainer(cfg, model_fn=model_fn, data_fn=data_fn, loss_fn=loss_fn).fit()
+        trainer = Trainer(cfg, model_fn=model_fn, data_fn=data_fn, loss_fn=loss_fn, preemption=preemption)
+        outcome = trainer.fit()
     except TrainerError as err:
         return LaunchOutcome(err.exit_code, str(err))
     except LedgerError as err:
@@ -124,56 +138,96 @@ def _start_method() -> str:
 def run_elastic_worker(config: dict[str, Any]) -> LaunchOutcome:
     """:func:`run_worker` as started by the elastic agent.
 
-    A forked worker inherits the agent's handlers, which turn SIGTERM/SIGINT/... into
-    exceptions meant for the agent; give the worker the usual ones back (the trainer then
-    catches SIGTERM/SIGUSR1 itself).
+    A forked worker inherits the launcher's handlers: the agent's (which turn SIGINT and
+    friends into exceptions meant for the agent) are reset; the preemption forwarder's
+    flag, if it fired in this process before our own watch was installed, is kept.
     """
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+    watch = PreemptionWatch().install()
+    if _FORWARDER is not None and _FORWARDER.received and watch.received is None:
+        watch.received = _FORWARDER.received
+    for sig in (signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    return run_worker(config)
+    return run_worker(config, watch)
 
 
-def _newest_epoch(run_dir: str) -> int:
-    from ledger import Ledger
+class SignalForwarder:
+    """The launcher's SIGTERM/SIGUSR1 handler: remember the signal and pass it on to every worker.
 
+    Workers that start after the signal (the agent is still rendezvousing, or restarting)
+    get it too: a background thread signals each new child once.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._signalled: set[int] = set()
+        self._previous: dict[signal.Signals, Any] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def install(self) -> "SignalForwarder":
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        self._stop.set()
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            self._thread = threading.Thread(target=self._keep_forwarding, args=(signum,), daemon=True,
+                                            name="ckpt-ledger-signal-forwarder")
+            self._thread.start()
+
+    def _keep_forwarding(self, signum: int) -> None:
+        while not self._stop.is_set():
+            for pid in _worker_pids():
+                if pid not in self._signalled:
+                    self._signalled.add(pid)
+                    try:
+                        os.kill(pid, signum)
+                    except ProcessLookupError:
+                        pass
+            self._stop.wait(0.1)
+
+
+def _worker_pids() -> list[int]:
+    """This process's children, except multiprocessing's resource tracker (Linux ``/proc``)."""
+    pids: list[int] = []
     try:
-        view = Ledger.open(run_dir, read_only=True).projection()
-    except LedgerNotFoundError:
-        return 0
-    return max((a.epoch for a in view.attempts), default=0)
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            pids.extend(int(p) for p in (task / "children").read_text().split())
+    except OSError:
+        return pids
+    workers = []
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            workers.append(pid)
+    return workers
 
 
-def _after_signal(run_dir: str, epoch_before: int, signal_name: str) -> LaunchOutcome:
-    """The launcher was signalled: exit 75 only if the workers' attempt ended preempted (saved)."""
-    from ledger import Ledger
-
-    try:
-        attempts = [a for a in Ledger.open(run_dir, read_only=True).projection().attempts if a.epoch > epoch_before]
-    except LedgerNotFoundError:
-        attempts = []
-    if not attempts:
-        return LaunchOutcome(EXIT_PREEMPTED, f"{signal_name} before training began; nothing to save")
-    last = attempts[-1]
-    if last.status == "preempted":
-        return LaunchOutcome(EXIT_PREEMPTED, f"preempted by {signal_name}; state saved at step {last.last_step}")
-    if last.status == "fenced":
-        return LaunchOutcome(EXIT_PROBLEM, f"attempt {last.epoch} was fenced")
-    return LaunchOutcome(EXIT_PROBLEM, f"{signal_name} received but attempt {last.epoch} ended '{last.status}' "
-                                       "without saving; it will resume from the last committed checkpoint")
+_FORWARDER: SignalForwarder | None = None
 
 
 def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int) -> LaunchOutcome:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    global _FORWARDER
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     apply_single_node_defaults(os.environ)
     if not debug_enabled():
         # The agent logs every worker it starts and stops; the user wants the job's output.
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    run_dir = config["run_dir"]
-    epoch_before = _newest_epoch(run_dir)
+        for name in ("torch.distributed.elastic", "torch.distributed.elastic.agent.server.api",
+                     "torch.distributed.elastic.multiprocessing.api"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -184,17 +238,17 @@ def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int) -> Launch
         max_restarts=max_restarts,
         monitor_interval=0.1,
         start_method=_start_method(),
-        signals_to_handle=PREEMPTION_AND_STOP_SIGNALS,
-        shutdown_timeout=int(os.environ.get(SHUTDOWN_TIMEOUT_ENV, "600")),
+        signals_to_handle=AGENT_STOP_SIGNALS,
     )
+    _FORWARDER = SignalForwarder().install()
     try:
         results = elastic_launch(launch_config, run_elastic_worker)(config)
-    except SignalException as sig:
-        return _after_signal(run_dir, epoch_before, sig.sigval.name)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         how = f"signal {failure.signal_name()}" if failure.signal_name() != "<N/A>" else f"exit code {failure.exitcode}"
         restarts = f" after {max_restarts} restart(s)" if max_restarts else ""
         return LaunchOutcome(EXIT_PROBLEM, f"worker rank {rank} failed with {how}{restarts}; "
                                            "the next run resumes from the last committed checkpoint")
+    finally:
+        _FORWARDER.uninstall()
     return results[0]

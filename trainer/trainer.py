@@ -102,7 +102,8 @@ class Trainer:
 
     def __init__(self, config: TrainerConfig, *, model_fn: Callable[[], nn.Module],
                  data_fn: Callable[[int, int, int, torch.device], Any],
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 preemption: PreemptionWatch | None = None) -> None:
         self.config = config
         self.loss_fn = loss_fn or cross_entropy_loss
         self.journal: RunJournal | None = None
@@ -110,7 +111,8 @@ class Trainer:
         # 1. Distributed init: join the process group (gloo on CPU, nccl on CUDA). Signals are
         #    caught from here on: a preemption during setup is acted on at the first step boundary.
         self.ctx = init_distributed(config.dist_timeout_s)
-        self.preemption = PreemptionWatch().install()
+        self._owns_watch = preemption is None
+        self.preemption = preemption or PreemptionWatch().install()
         try:
             self._setup(model_fn, data_fn)
         except BaseException:
@@ -266,7 +268,7 @@ class Trainer:
                 self.journal.step_completed(self.step, {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0]})
                 if self.step % cfg.log_every == 0:
                     self.journal.flush_steps()
-            if cfg.print_every and self.step % cfg.print_every == 0:
+            if cfg.print_every and (self.step % cfg.print_every == 0 or self.step == started_step + 1):
                 rate = (self.step - started_step) / max(time.perf_counter() - started, 1e-9)
                 mean = all_reduce_mean(loss)
                 self._say(f"step {self.step}/{cfg.steps}  loss {mean:.4f}  {rate:.1f} steps/s")
@@ -360,7 +362,8 @@ class Trainer:
         After a failure the group may be broken (a peer died mid-collective) and destroying it
         could block until the collective timeout, so it is left for process exit.
         """
-        self.preemption.uninstall()
+        if self._owns_watch:
+            self.preemption.uninstall()
         if self.journal is not None:
             self.journal.close()
             self.journal = None
