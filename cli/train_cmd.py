@@ -56,6 +56,8 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
       ckpt-ledger train --run-dir runs/exp2 --stack tppp --tp 2 --pp 2 --nproc 4
     """
     # Imported here: torch is heavy and only `train` needs it.
+    import torch
+
     from trainer.config import TrainerConfig
     from trainer.default_job import JobSpec, default_job
     from trainer.launch import inside_external_launcher, launch
@@ -84,9 +86,13 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
     except ValueError as err:
         raise CliError(str(err), EXIT_USAGE) from None
     # The stack checks its limits and that the job's model splits this way before any process starts.
+    # The model is built on the meta device: shapes only, no compute in the launcher, which forks
+    # its workers (OpenMP's thread pool does not survive a fork).
     try:
         chosen = get_stack(stack, config)
-        chosen.check_model(default_job(JobSpec())[0](), chosen.topology(world, tp=tp, pp=pp))
+        with torch.device("meta"):
+            model = default_job(JobSpec())[0]()
+        chosen.check_model(model, chosen.topology(world, tp=tp, pp=pp))
     except ValueError as err:
         raise CliError(f"--stack {stack} --tp {tp} --pp {pp} (--nproc {world}): {err}", EXIT_USAGE) from None
     outcome = launch(config.to_dict(), nproc=nproc, max_restarts=max_restarts)
