@@ -65,6 +65,7 @@ class RecordingWriter(FileSystemWriter):
         self.written: list[str] = []
 
     def write_data(self, plan, planner):  # noqa: ANN001, ANN201 - DCP's signature
+        """Write this rank's items (as DCP does) and note the files written."""
         future = super().write_data(plan, planner)
         for result in future.wait():  # the file-system writer completes synchronously
             name = result.storage_data.relative_path
@@ -73,6 +74,7 @@ class RecordingWriter(FileSystemWriter):
         return future
 
     def finish(self, metadata, results) -> None:  # noqa: ANN001 - DCP's signature
+        """The coordinator writes ``.metadata`` last; it is one of rank 0's shards."""
         super().finish(metadata, results)
         self.written.append(DCP_METADATA_FILE)
 
@@ -116,6 +118,7 @@ class Candidate:
 
     @classmethod
     def of(cls, ckpt: CheckpointState) -> "Candidate":
+        """The candidate for a checkpoint of the projection."""
         return cls(
             checkpoint_id=ckpt.checkpoint_id, step=ckpt.step, epoch=ckpt.epoch, world_size=ckpt.world_size,
             stack=ckpt.stack, topology=dict(ckpt.topology),
