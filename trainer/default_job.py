@@ -62,6 +62,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + attn(norm(x))``, then ``+ mlp(norm(.))``."""
         batch, length, _ = x.shape
         h = self.attn_norm(x)
 
@@ -104,6 +105,7 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits for every position."""
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)

@@ -98,7 +98,11 @@ def unmappable_checkpoint_message(candidate: Candidate, stack: str, world_size: 
 
 
 class Trainer:
-    """One attempt of a run: set up in the constructor, trained by :meth:`fit`."""
+    """One attempt of a run: set up in the constructor, trained by :meth:`fit`.
+
+    ``preemption`` is a watch the caller installed earlier (so that a signal arriving
+    during setup is not lost); by default the trainer installs its own.
+    """
 
     def __init__(self, config: TrainerConfig, *, model_fn: Callable[[], nn.Module],
                  data_fn: Callable[[int, int, int, torch.device], Any],
