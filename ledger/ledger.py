@@ -24,7 +24,7 @@ from ledger.events import (
     ShardWritten,
 )
 from ledger.faults import crash_point
-from ledger.projection import PROJECTION_VERSION, State, decode_state, encode_state, fold
+from ledger.projection import PROJECTION_VERSION, State, decode_state, encode_state, fold_chunks
 from ledger.store import (
     LEDGER_FILE,
     OPERATOR_EPOCH,
@@ -32,7 +32,7 @@ from ledger.store import (
     LogWriter,
     StoredEvent,
     checkpoint_events,
-    iter_events,
+    iter_event_chunks,
     latest_snapshot,
     max_seq,
     read_events,
@@ -257,13 +257,10 @@ class Ledger:
         if snap is not None and snap[0] > start_seq:
             start_seq, start = snap
         state = decode_state(start) if start is not None else State()
-        count = 0
-        for stored in iter_events(conn, after_seq=start_seq, until_seq=target):
-            count += 1
-            fold((stored,), state)
+        state = fold_chunks(iter_event_chunks(conn, after_seq=start_seq, until_seq=target), state)
         state.seq = target
-        return state, target, count
+        return state, target, target - start_seq
 
     def full_replay(self, at: int | None = None) -> State:
         """Fold the whole log from seq 1, ignoring snapshots and caches (for checks and tests)."""
-        return self._log.query(lambda c: fold(iter_events(c, until_seq=at)))
+        return self._log.query(lambda c: fold_chunks(iter_event_chunks(c, until_seq=at)))
