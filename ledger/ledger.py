@@ -34,6 +34,7 @@ from ledger.store import (
     checkpoint_events,
     iter_event_chunks,
     latest_snapshot,
+    latest_snapshot_seq,
     max_seq,
     read_events,
 )
@@ -41,6 +42,9 @@ from ledger.view import View
 
 #: A writer stores a snapshot once this many events have accumulated past the last one.
 SNAPSHOT_EVERY = 5000
+#: ``close()`` stores a snapshot if at least this many events came after the last one, so
+#: the next cold open (a restarting job, ``inspect``) folds only a short tail.
+SNAPSHOT_ON_CLOSE = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +80,23 @@ class Ledger:
         return self._log.path
 
     def close(self) -> None:
-        """Release the database connection (writers only hold one)."""
+        """Release the database connection (writers only hold one), snapshotting a long unsnapshotted tail first."""
         if isinstance(self._log, LogWriter):
+            try:
+                self._snapshot_if_behind(SNAPSHOT_ON_CLOSE)
+            except LedgerError:
+                pass  # a snapshot is only a cache: failing to store one must not make close() fail
             self._log.close()
+
+    def _snapshot_if_behind(self, threshold: int) -> None:
+        def behind(conn: sqlite3.Connection) -> int:
+            newest = max_seq(conn)
+            return newest - latest_snapshot_seq(conn, at_most=newest, projection_version=PROJECTION_VERSION)
+
+        if self._log.query(behind) >= threshold:
+            self.projection()  # folds from the in-memory cache and refreshes it
+            seq, state = self._cache  # type: ignore[misc]
+            self._writer().save_snapshot(seq, PROJECTION_VERSION, state)
 
     def __enter__(self) -> "Ledger":
         return self
@@ -240,26 +258,32 @@ class Ledger:
         """The run as of sequence ``at`` (default: now): snapshot + tail, folded."""
         if at is not None and at < 0:
             raise ValueError(f"sequence number must be >= 0, got {at}")
-        state, seq, folded = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
+        state, seq, folded, snapshot_seq = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
         if at is None and isinstance(self._log, LogWriter):
             self._cache = (seq, encode_state(state) if folded else self._cache[1])  # type: ignore[index]
-            if folded >= SNAPSHOT_EVERY:
+            # Count from the newest stored snapshot, not from the last call: a writer that
+            # projects after every checkpoint folds only a few events each time, and would
+            # otherwise never store one (every cold open then folding the whole log).
+            if seq - snapshot_seq >= SNAPSHOT_EVERY:
                 self._log.save_snapshot(seq, PROJECTION_VERSION, self._cache[1])
         return View(state, best_rule)
 
-    def _fold_to(self, conn: sqlite3.Connection, at: int | None) -> tuple[State, int, int]:
+    def _fold_to(self, conn: sqlite3.Connection, at: int | None) -> tuple[State, int, int, int]:
+        """Fold up to ``at``: returns (state, its seq, events folded, seq of the newest stored snapshot)."""
         newest = max_seq(conn)
         target = newest if at is None else min(at, newest)
         start_seq, start = 0, None
         if self._cache is not None and self._cache[0] <= target:
             start_seq, start = self._cache
-        snap = latest_snapshot(conn, at_most=target, projection_version=PROJECTION_VERSION)
-        if snap is not None and snap[0] > start_seq:
-            start_seq, start = snap
+        snapshot_seq = latest_snapshot_seq(conn, at_most=target, projection_version=PROJECTION_VERSION)
+        if snapshot_seq > start_seq:  # read the (possibly large) snapshot only when it is the better start
+            snap = latest_snapshot(conn, at_most=target, projection_version=PROJECTION_VERSION)
+            if snap is not None:
+                start_seq, start = snap
         state = decode_state(start) if start is not None else State()
         state = fold_chunks(iter_event_chunks(conn, after_seq=start_seq, until_seq=target), state)
         state.seq = target
-        return state, target, target - start_seq
+        return state, target, target - start_seq, snapshot_seq
 
     def full_replay(self, at: int | None = None) -> State:
         """Fold the whole log from seq 1, ignoring snapshots and caches (for checks and tests)."""

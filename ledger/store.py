@@ -463,6 +463,14 @@ def max_seq(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
 
 
+def latest_snapshot_seq(conn: sqlite3.Connection, *, at_most: int, projection_version: int) -> int:
+    """The ``seq`` of the newest stored snapshot covering at most ``at_most`` events (0 if none), without reading it."""
+    row = conn.execute(
+        "SELECT MAX(seq) FROM snapshots WHERE seq <= ? AND projection_version = ?", (at_most, projection_version)
+    ).fetchone()
+    return row[0] or 0
+
+
 def latest_snapshot(conn: sqlite3.Connection, *, at_most: int, projection_version: int) -> tuple[int, bytes] | None:
     """The newest stored snapshot covering at most ``at_most`` events, if any."""
     row = conn.execute(
