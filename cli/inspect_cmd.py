@@ -9,6 +9,8 @@ import click
 
 from cli.options import json_option, open_read_only, run_dir_argument, seq_type
 from cli.tables import human_bytes, human_duration, render_table
+from ledger import Ledger
+from ledger.decisions import is_torn, metric_of
 from ledger.view import View
 
 
@@ -31,29 +33,55 @@ def inspect_command(run_dir: Path, as_json: bool, at_seq: int | None) -> None:
         if at_seq is not None and at_seq > newest:
             raise click.BadParameter(f"SEQ {at_seq} is past the end of the log (newest is {newest})", param_hint="--at")
         view = led.projection(at=at_seq)
+        last_seen = last_event_times(led, view)
     if as_json:
-        click.echo(json.dumps(view.to_dict(), indent=2, sort_keys=False))
+        data = view.to_dict()
+        for attempt in data["attempts"]:
+            attempt["last_event_at"] = last_seen.get(attempt["epoch"], attempt["ended_at"])
+        click.echo(json.dumps(data, indent=2, sort_keys=False))
     else:
-        click.echo(render_view(view, run_dir))
+        click.echo(render_view(view, run_dir, last_seen))
+
+
+def last_event_times(led: Ledger, view: View) -> dict[int, float]:
+    """When each attempt that never recorded ``attempt.ended`` was last heard from (by its newest event)."""
+    times = {}
+    for attempt in view.attempts:
+        if attempt.ended_at is None:
+            found = led.events(after_seq=attempt.last_seq - 1, until_seq=attempt.last_seq)
+            times[attempt.epoch] = found[0].recorded_at if found else attempt.started_at
+    return times
 
 
 def _ref(ckpt) -> str:  # noqa: ANN001 - CheckpointState or None
     return "-" if ckpt is None else f"{ckpt.checkpoint_id} (step {ckpt.step})"
 
 
-def render_view(view: View, run_dir: Path) -> str:
+def _reason(attempt) -> str | None:  # noqa: ANN001 - AttemptState
+    if attempt.status == "crashed":
+        return "no attempt.ended"
+    if attempt.status == "running":
+        return None
+    return attempt.reason + (f" ({attempt.preempted_by})" if attempt.preempted_by else "")
+
+
+def render_view(view: View, run_dir: Path, last_seen: dict[int, float] | None = None) -> str:
     """The human form of ``inspect``."""
+    last_seen = last_seen or {}
     run = view.run
     lines = [f"run {run.run_id if run else '(not started)'}  ·  {run_dir}  ·  as of event {view.seq}"]
     if run is not None:
         lines.append(f"  config {run.config_hash[:16] or '-'}  ·  code {run.code_id or '-'}")
     best = view.best
+    metric = view.best_rule.metric
+    latest = view.latest
+    latest_value = metric_of(view.state, latest, metric) if latest is not None else None
     lines += [
         "",
         f"  resume  {_ref(view.resume)}",
-        f"  latest  {_ref(view.latest)}",
+        f"  latest  {_ref(latest)}" + (f"  {metric}={latest_value:.6g}" if latest_value is not None else ""),
         f"  best    {_ref(best.checkpoint if best else None)}"
-        + (f"  {best.metric}={best.value:.6g} ({view.best_rule.mode})" if best else ""),
+        + (f"  {best.metric}={best.value:.6g} ({view.best_rule.mode})" if best else f"  (no {metric} recorded)"),
         f"  last step {view.last_step if view.last_step is not None else '-'}  ·  "
         f"goodput {view.goodput:.1%} ({view.state.steps_lost} of {view.state.steps_run} steps lost to restarts)",
     ]
@@ -61,22 +89,31 @@ def render_view(view: View, run_dir: Path) -> str:
     if attempts:
         rows = []
         for a in attempts:
-            duration = (a.ended_at - a.started_at) if a.ended_at is not None else None
-            rows.append([a.epoch, a.job_id, a.status, a.resumed_from, a.first_step, a.last_step, a.steps_lost,
-                         f"{a.stack} x{a.world_size}", human_duration(duration)])
+            if a.ended_at is not None:
+                duration = human_duration(a.ended_at - a.started_at)
+            elif a.epoch in last_seen:  # never ended: how long it was heard from
+                duration = "≥" + human_duration(last_seen[a.epoch] - a.started_at)
+            else:
+                duration = None
+            rows.append([a.epoch, a.job_id, a.status, _reason(a), a.resumed_from, a.first_step, a.last_step,
+                         a.steps_lost, f"{a.stack} x{a.world_size}", duration])
         lines += ["", "attempts", render_table(
-            ["epoch", "job", "status", "resumed from", "from step", "last step", "lost", "stack", "duration"], rows)]
+            ["epoch", "job", "status", "reason", "resumed from", "from step", "last step", "steps lost", "stack",
+             "duration"], rows)]
     checkpoints = list(view.checkpoints.values())
     if checkpoints:
         protected = view.protected()
         rows = []
         for c in checkpoints:
             topo = "·".join(f"{k}{v}" for k, v in sorted(c.topology.items())) or "-"
-            marks = ",".join(m for m, on in (("pinned", c.pinned),) if on)
-            rows.append([c.checkpoint_id, c.step, c.status, human_bytes(c.bytes), len(c.shards),
-                         f"{c.stack} x{c.world_size}", topo, protected.get(c.checkpoint_id, marks or "-")])
+            status = "torn" if is_torn(view.state, c) else c.status
+            if c.pinned and c.status != "deleted":
+                status += ", pinned"
+            rows.append([c.checkpoint_id, c.step, status, human_bytes(c.bytes), len(c.shards),
+                         f"{c.stack} x{c.world_size}", topo, metric_of(view.state, c, metric),
+                         protected.get(c.checkpoint_id)])
         lines += ["", "checkpoints", render_table(
-            ["checkpoint", "step", "status", "size", "shards", "stack", "topology", "kept because"], rows)]
+            ["checkpoint", "step", "status", "size", "shards", "stack", "topology", metric, "kept because"], rows)]
     if view.anomalies:
         lines += ["", f"anomalies ({len(view.anomalies)}; see `ckpt-ledger audit`)"]
         lines += [f"  {a}" for a in view.anomalies[:5]]

@@ -18,6 +18,16 @@ from cli.options import debug_enabled
 from ledger.errors import LedgerError
 
 
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # stdout has no file descriptor (e.g. under a test runner): nothing left to flush
+    finally:
+        os.close(devnull)
+
+
 class LedgerGroup(click.Group):
     """A click group that turns library errors into one-line messages with contract exit codes."""
 
@@ -28,7 +38,10 @@ class LedgerGroup(click.Group):
             raise
         except (LedgerError, ValueError, OSError) as exc:
             if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
-                raise
+                # `ckpt-ledger replay DIR | head -1`: the reader left. Exit quietly like other Unix
+                # tools (click would exit 1); stdout goes to /dev/null so the final flush cannot fail.
+                _silence_stdout()
+                raise click.exceptions.Exit(0) from None
             if debug_enabled():
                 traceback.print_exc()
             raise translate(exc) from exc
@@ -51,10 +64,16 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so that `cli` exists before commands attach to it.
+    from cli.audit_cmd import audit_command
+    from cli.gc_cmd import gc_command
     from cli.inspect_cmd import inspect_command
+    from cli.pin_cmd import pin_command, unpin_command
     from cli.replay_cmd import replay_command
+    from cli.tail_cmd import tail_command
+    from cli.timeline_cmd import timeline_command
 
-    for command in (inspect_command, replay_command):
+    for command in (inspect_command, replay_command, audit_command, gc_command, tail_command, pin_command,
+                    unpin_command, timeline_command):
         cli.add_command(command)
 
 
@@ -64,7 +83,10 @@ _register()
 def main() -> None:
     """Console-script entry point (``ckpt-ledger``)."""
     try:
-        cli.main(prog_name="ckpt-ledger", standalone_mode=False)
+        # Without standalone mode, click *returns* the code of ctx.exit(n) instead of exiting.
+        code = cli.main(prog_name="ckpt-ledger", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
@@ -83,8 +105,7 @@ def main() -> None:
         sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
     except BrokenPipeError:
         # `ckpt-ledger replay DIR | head`: the reader left; exit quietly like other Unix tools.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         sys.exit(0)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -13,7 +13,26 @@ from ledger import LEDGER_FILE, Ledger
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 
-seq_type = click.IntRange(min=0)
+class SeqType(click.ParamType):
+    """A log sequence number: a non-negative integer."""
+
+    name = "SEQ"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = int(str(value).strip(), 10)
+            except ValueError:
+                self.fail(f"{value!r} is not a sequence number; give a whole number >= 0",
+                          param, ctx)
+        if number < 0:
+            self.fail(f"{number} is negative; sequence numbers start at 1 (0 means before the first event)", param, ctx)
+        return number
+
+
+seq_type = SeqType()
 
 
 def run_dir_argument(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -54,7 +54,7 @@ class BlobInfo:
 
 def check_component(value: str, what: str) -> str:
     """Reject ids that could escape the blob root or collide (``..``, slashes, empty)."""
-    if not _SAFE_ID.match(value):
+    if not _SAFE_ID.fullmatch(value):  # fullmatch: "$" alone lets a trailing newline through
         raise ValueError(f"{what} {value!r} must be letters, digits, '.', '_' or '-' and not start with a symbol")
     return value
 
@@ -213,7 +213,10 @@ class AtomicFile:
 
     def write(self, data: bytes | memoryview) -> int:
         """Append bytes (hashing them on the way)."""
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as err:
+            raise LedgerWriteError(f"could not write shard {self.final}: {err}") from err
         self._hasher.update(data)
         self.size += len(data)
         return len(data)

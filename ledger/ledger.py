@@ -65,6 +65,7 @@ class Ledger:
         self._log = log
         self.blobs = LocalBlobStore(run_dir)
         self._cache: tuple[int, bytes] | None = None  # (seq, encoded state) of the newest projection
+        self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike[str], *, read_only: bool = False) -> "Ledger":
@@ -97,6 +98,7 @@ class Ledger:
             self.projection()  # folds from the in-memory cache and refreshes it
             seq, state = self._cache  # type: ignore[misc]
             self._writer().save_snapshot(seq, PROJECTION_VERSION, state)
+            self._snapshot_seq = seq
 
     def __enter__(self) -> "Ledger":
         return self
@@ -260,12 +262,16 @@ class Ledger:
             raise ValueError(f"sequence number must be >= 0, got {at}")
         state, seq, folded, snapshot_seq = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
         if at is None and isinstance(self._log, LogWriter):
-            self._cache = (seq, encode_state(state) if folded else self._cache[1])  # type: ignore[index]
-            # Count from the newest stored snapshot, not from the last call: a writer that
-            # projects after every checkpoint folds only a few events each time, and would
-            # otherwise never store one (every cold open then folding the whole log).
-            if seq - snapshot_seq >= SNAPSHOT_EVERY:
+            # Cache the encoded state (bytes, immutable) so the next call folds only the tail.
+            if folded or self._cache is None or self._cache[0] != seq:
+                self._cache = (seq, encode_state(state))
+            # Snapshot by distance from the last one, not by this call's tail: a trainer
+            # projects after every commit, folding a few events at a time.
+            if self._snapshot_seq is None:
+                self._snapshot_seq = snapshot_seq
+            if seq - self._snapshot_seq >= SNAPSHOT_EVERY:
                 self._log.save_snapshot(seq, PROJECTION_VERSION, self._cache[1])
+                self._snapshot_seq = seq
         return View(state, best_rule)
 
     def _fold_to(self, conn: sqlite3.Connection, at: int | None) -> tuple[State, int, int, int]:

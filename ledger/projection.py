@@ -77,7 +77,8 @@ class CheckpointState(msgspec.Struct, kw_only=True):
     shards: list[ShardState] = []
     committed_seq: int | None = None
     abort_reason: str | None = None
-    deletion_requested: bool = False
+    deletion_requested: bool = False  # status becomes "deleted" at the request: never load it again
+    deletion_done: bool = False  # checkpoint.deleted seen: every blob is gone
     deletion_reason: str | None = None
     pinned: bool = False
     corrupt_locations: list[str] = []
@@ -91,7 +92,7 @@ class CheckpointState(msgspec.Struct, kw_only=True):
     @property
     def usable(self) -> bool:
         """Committed, not corrupt, not (being) deleted: safe to load."""
-        return self.status == "committed" and not self.deletion_requested
+        return self.status == "committed"
 
 
 class AttemptState(msgspec.Struct, kw_only=True):
@@ -254,6 +255,7 @@ def _on_deletion_requested(state: State, event: CheckpointDeletionRequested, seq
     if ckpt is not None:
         ckpt.deletion_requested = True
         ckpt.deletion_reason = event.reason
+        ckpt.status = "deleted"
 
 
 def _on_deleted(state: State, event: CheckpointDeleted, seq: int, epoch: int, recorded_at: float,
@@ -262,6 +264,7 @@ def _on_deleted(state: State, event: CheckpointDeleted, seq: int, epoch: int, re
     if ckpt is not None:
         ckpt.status = "deleted"
         ckpt.deletion_requested = True
+        ckpt.deletion_done = True
         state.aliases = {a: c for a, c in state.aliases.items() if c != event.checkpoint_id}
 
 

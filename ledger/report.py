@@ -29,6 +29,7 @@ def checkpoint_to_dict(ckpt: CheckpointState) -> dict[str, Any]:
         "epoch": ckpt.epoch,
         "pinned": ckpt.pinned,
         "deletion_requested": ckpt.deletion_requested,
+        "deletion_done": ckpt.deletion_done,
         "abort_reason": ckpt.abort_reason,
         "metrics": ckpt.metrics,
     }

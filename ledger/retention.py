@@ -69,10 +69,13 @@ def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None 
     """The checkpoints ``policy`` would delete now, with reasons. Pure; never includes a protected one."""
     deletions: list[Deletion] = []
     for ckpt in state.checkpoints.values():
-        if ckpt.deletion_requested and ckpt.status != "deleted":
+        if ckpt.deletion_requested and not ckpt.deletion_done:
             deletions.append(_deletion(ckpt, f"finish interrupted deletion ({ckpt.deletion_reason or 'no reason'})"))
         elif decisions.is_torn(state, ckpt):
             deletions.append(_deletion(ckpt, f"torn save of attempt {ckpt.epoch}: never committed"))
+        elif ckpt.status == "aborted":
+            # Without this an aborted save's recorded shards would stay on disk forever.
+            deletions.append(_deletion(ckpt, f"aborted ({ckpt.abort_reason or 'no reason'}): never committed"))
     if not policy.active:
         return deletions
     keep = decisions.protected(state, rule)

@@ -25,6 +25,7 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import struct
 import tempfile
 import threading
 import time
@@ -102,6 +103,50 @@ def _check_format(conn: sqlite3.Connection, path: Path) -> None:
         )
     if version < 1:
         raise CorruptLedgerError(f"{path} has no ledger format version; it was not fully created")
+
+
+def check_wal_pair(path: Path) -> None:
+    """Refuse a ledger whose ``-wal`` was lost while its ``-shm`` says it held committed events.
+
+    SQLite would silently open the main file without them (acknowledged events
+    gone); the WAL-index header in ``-shm`` records how many WAL frames were valid.
+    """
+    wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
+    if wal.exists() or not shm.exists():
+        return
+    with open(shm, "rb") as fh:
+        header = fh.read(48)
+    if len(header) < 20:
+        return
+    (frames,) = struct.unpack_from("=I", header, 16)  # WalIndexHdr.mxFrame, native byte order
+    if frames > 0:
+        raise CorruptLedgerError(
+            f"{wal} is missing but {shm.name} records {frames} WAL frame(s) of committed events; "
+            "restore the -wal file next to ledger.db (do not open the ledger until then)"
+        )
+
+
+def trailing_garbage(path: Path) -> int:
+    """Bytes in the main file past the last page its header declares (0 when healthy or unknowable).
+
+    SQLite ignores such bytes, so a file with garbage appended would otherwise look
+    fine. Read from the file header before connecting; skipped while a non-empty WAL
+    may hold newer pages (then the header can legitimately lag).
+    """
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        return 0
+    with open(path, "rb") as fh:
+        header = fh.read(100)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return 0
+    (page_size,) = struct.unpack_from(">H", header, 16)
+    page_size = 65536 if page_size == 1 else page_size
+    change_counter, pages = struct.unpack_from(">II", header, 24)
+    (valid_for,) = struct.unpack_from(">I", header, 92)
+    if valid_for != change_counter or pages == 0:
+        return 0  # the in-header size is not trustworthy (very old writer)
+    return max(0, path.stat().st_size - pages * page_size)
 
 
 def _row_to_event(row: Sequence[Any]) -> StoredEvent:
@@ -257,6 +302,13 @@ class LogWriter:
                 _create(path)
         elif path.stat().st_size == 0:
             raise CorruptLedgerError(f"{path} is empty (0 bytes), not a ledger; restore it or use a new run directory")
+        check_wal_pair(path)
+        # Appending to a file of unknown provenance would bury the damage: refuse.
+        if garbage := trailing_garbage(path):
+            raise CorruptLedgerError(
+                f"{path} has {garbage} byte(s) of unknown data after its last page; back it up and truncate it "
+                f"to {path.stat().st_size - garbage} bytes, or restore it (see `ckpt-ledger audit`)"
+            )
         with sqlite_errors(path, "open the ledger"):
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
             try:
@@ -399,6 +451,7 @@ class LogReader:
             raise CorruptLedgerError(f"{path} is a directory, not a ledger file")
         if path.stat().st_size == 0:
             raise CorruptLedgerError(f"{path} is empty (0 bytes), not a ledger; restore it or use a new run directory")
+        check_wal_pair(path)
         self.query(lambda conn: None, "open the ledger")
 
     def query(self, fn: Callable[[sqlite3.Connection], T], doing: str = "read the ledger") -> T:

@@ -19,8 +19,21 @@ _dict_decoder = msgspec.json.Decoder(dict)
 
 
 def encode(event: Event) -> bytes:
-    """The JSON payload of an event (its tag included), as stored in the log."""
-    return _encoder.encode(event)
+    """The JSON payload of an event (its tag included), as stored in the log.
+
+    Raises ``ValueError`` for an event that would not decode back (a wrong field type,
+    or a NaN/inf float, which JSON stores as ``null``): stored, it would make every
+    later read of the log fail.
+    """
+    payload = _encoder.encode(event)
+    try:
+        _decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise ValueError(
+            f"refusing to store a {event.__struct_config__.tag} event that would not read back ({exc}); "
+            "check the field types (NaN/inf floats cannot be stored)"
+        ) from exc
+    return payload
 
 
 def schema_of(tag: str) -> int:

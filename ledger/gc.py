@@ -1,0 +1,142 @@
+"""Garbage collection of a run directory: retention, plus files no live checkpoint owns.
+
+Two kinds of garbage, both decided from the log:
+
+* checkpoints retention removes (:func:`ledger.retention.plan`: the policy, torn
+  and aborted saves, interrupted deletions) — carried out through
+  :meth:`Ledger.apply_retention`, which records each deletion in the log;
+* *stray files*: files under the blob root that no ``shard.written`` of a
+  surviving checkpoint records — temp files of interrupted writes, unrecorded
+  files of torn saves, leftovers of deleted checkpoints.
+
+Listing the blob directory is how stray files are *found*; it never decides what
+to resume or keep. A file that may belong to a save still in progress (its
+attempt has not ended and its checkpoint is not finished) is never a stray.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+from ledger import retention
+from ledger.projection import State
+
+if TYPE_CHECKING:
+    from ledger.ledger import Ledger
+
+# blobs/<checkpoint id>/e<epoch>/<file>, as BlobStore.checkpoint_dir lays them out.
+_BLOB_PATH = re.compile(r"^blobs/(?P<cid>[^/]+)/e(?P<epoch>\d+)/")
+
+
+@dataclass(frozen=True, slots=True)
+class StrayFile:
+    """A file under the blob root that nothing in the log keeps, and why it is garbage."""
+
+    location: str
+    checkpoint_id: str | None
+    reason: str
+
+
+def _is_temp(location: str) -> bool:
+    name = location.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def may_be_in_progress(state: State, checkpoint_id: str | None, epoch: int | None) -> bool:
+    """Whether a file in ``blobs/<checkpoint_id>/e<epoch>/`` could still be written by a live attempt.
+
+    True when the epoch's attempt has not ended (or is newer than this state knows)
+    and the checkpoint is unknown or still in flight.
+    """
+    if epoch is None:
+        return False
+    if epoch > state.current_epoch:
+        return True
+    attempt = state.attempts.get(epoch)
+    if attempt is None or attempt.status != "running" or epoch < state.current_epoch:
+        return False
+    ckpt = state.checkpoints.get(checkpoint_id) if checkpoint_id is not None else None
+    return ckpt is None or ckpt.status == "in_flight"
+
+
+def stray_files(state: State, listing: Iterable[str]) -> list[StrayFile]:
+    """The files of ``listing`` (blob locations) that are garbage according to ``state``. Pure.
+
+    List the files *before* projecting ``state``: a file written after the listing
+    is then never judged against an older state.
+    """
+    owner = {}
+    for ckpt in state.checkpoints.values():
+        for shard in ckpt.shards:
+            owner[shard.location] = ckpt
+    strays = []
+    for location in sorted(listing):
+        match = _BLOB_PATH.match(location)
+        cid = match["cid"] if match else None
+        epoch = int(match["epoch"]) if match else None
+        recorded = owner.get(location)
+        if recorded is not None:
+            if recorded.status == "deleted":
+                strays.append(StrayFile(location, recorded.checkpoint_id,
+                                        f"left behind by deleted checkpoint {recorded.checkpoint_id}"))
+            continue  # a recorded shard of a surviving checkpoint: retention decides its fate
+        if may_be_in_progress(state, cid, epoch):
+            continue
+        ckpt = state.checkpoints.get(cid) if cid is not None else None
+        if match is None:
+            reason = "not inside any checkpoint directory"
+        elif _is_temp(location):
+            reason = f"temp file of an interrupted write (attempt {epoch})"
+        elif ckpt is None:
+            reason = f"no checkpoint {cid} was ever started in the ledger"
+        elif ckpt.status == "in_flight":
+            reason = f"unrecorded file of torn save {cid} (attempt {ckpt.epoch} is over)"
+        else:
+            reason = f"never recorded by a shard.written of {ckpt.status} checkpoint {cid}"
+        strays.append(StrayFile(location, cid, reason))
+    return strays
+
+
+@dataclass(frozen=True, slots=True)
+class GcPlan:
+    """Everything one ``gc`` would remove, and why."""
+
+    policy: retention.RetentionPolicy
+    deletions: list[retention.Deletion]
+    strays: list[StrayFile]
+    seq: int
+    """The log sequence number the plan was made at."""
+
+    @property
+    def empty(self) -> bool:
+        return not self.deletions and not self.strays
+
+
+def plan_gc(led: "Ledger", policy: retention.RetentionPolicy) -> GcPlan:
+    """Plan a gc of ``led``'s run (works on a read-only ledger; changes nothing)."""
+    listing = list(led.blobs.list_files())  # before projecting: see stray_files
+    view = led.projection()
+    return GcPlan(policy=policy, deletions=retention.plan(view.state, policy, view.best_rule),
+                  strays=stray_files(view.state, listing), seq=view.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class GcResult:
+    """What a gc did."""
+
+    deletions: list[retention.Deletion]
+    removed: list[StrayFile]
+
+
+def execute_gc(led: "Ledger", plan: GcPlan) -> GcResult:
+    """Carry out ``plan`` as an operator write: retention (recorded in the log), then stray files.
+
+    Retention re-plans at execution time from the same policy, so a pin or a late
+    metric that arrived after ``plan`` was made is still honoured.
+    """
+    deleted = led.apply_retention(plan.policy, epoch=None) if plan.deletions else []
+    for stray in plan.strays:
+        led.blobs.delete(stray.location)
+    return GcResult(deletions=deleted, removed=list(plan.strays))

@@ -1,0 +1,79 @@
+"""Shared fixtures and the Hypothesis settings profiles.
+
+Profiles (pick with ``HYPOTHESIS_PROFILE``):
+
+* ``ci`` (default) — modest budgets: the whole property suite runs in a minute or two on 2 cores.
+* ``thorough`` — many more examples and longer stateful runs, for a local soak.
+
+Everything touching SQLite runs with ``deadline=None``: fsync latency is not a bug.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile(
+    "thorough",
+    max_examples=1000,
+    stateful_step_count=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A run directory that does not exist yet (the ledger creates it)."""
+    return tmp_path / "run"
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` with its bytes (to prove an operation changed nothing)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def snapshot_files():
+    """``snapshot_files(root)`` -> {relative path: bytes} of everything under ``root``."""
+    return files_under
+
+
+# -- injected-crash accounting (docs/reliability.md quotes these totals) --------------------
+
+_CRASHES: dict[str, int] = {}
+
+
+def count_crash(source: str, n: int = 1) -> None:
+    """Record ``n`` injected crashes (SIGKILLs, abandoned handles) attributed to ``source``."""
+    _CRASHES[source] = _CRASHES.get(source, 0) + n
+
+
+@pytest.fixture
+def crash_counter():
+    """``crash_counter(source, n=1)``: count injected crashes toward the suite total."""
+    return count_crash
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN001 - pytest hook
+    if not _CRASHES:
+        return
+    total = sum(_CRASHES.values())
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(_CRASHES.items()))
+    terminalreporter.write_line(f"injected crashes: {total} ({parts})")
+    out = os.environ.get("CKPT_LEDGER_CRASH_REPORT")
+    if out:
+        Path(out).write_text("".join(f"{k}\t{v}\n" for k, v in sorted(_CRASHES.items())) + f"total\t{total}\n")

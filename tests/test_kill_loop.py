@@ -1,0 +1,134 @@
+"""SIGKILL a real ledger writer at random moments, hundreds of times, checking every guarantee after each kill.
+
+The writer is a forked child running the full checkpoint protocol (blob writes,
+shard records, commit, retention) in a loop; the parent kills it after a random
+delay, then checks the ledger: contiguous sequence numbers, every acknowledged
+append present, no committed checkpoint missing a rank, every usable checkpoint's
+shards verifying, and the resume target never torn. At the end, gc cleans the
+leftovers and audit reports the run healthy.
+
+``CKPT_LEDGER_KILLS`` sets the number of kills (CI default below; set it high
+for a long soak).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ledger import Ledger, RetentionPolicy
+from ledger.audit import audit
+from ledger.events import AttemptEnded, ShardWritten, StepCompleted
+from ledger.gc import execute_gc, plan_gc
+
+KILLS = int(os.environ.get("CKPT_LEDGER_KILLS", "300"))
+POLICY = RetentionPolicy(keep_last=2)
+
+
+def writer_forever(run_dir: Path, ack_fd: int, seed: int) -> None:
+    """The child: resume from the projection and checkpoint forever, acknowledging each append."""
+    rng = random.Random(seed)
+
+    def ack(seqs, tag):
+        for s in seqs if isinstance(seqs, list) else [seqs]:
+            os.write(ack_fd, f"{s} {tag}\n".encode())
+
+    led = Ledger.open(run_dir)
+    view = led.projection()
+    step = view.resume.step if view.resume else 0
+    attempt = led.begin_attempt(world_size=2, resumed_from=view.resume.checkpoint_id if view.resume else None)
+    ack(attempt.seq, "attempt.started")
+    led.apply_retention(POLICY, epoch=attempt.epoch)
+    while True:
+        step += 1
+        ack(led.append(StepCompleted(step=step), epoch=attempt.epoch), "step.completed")
+        if step % 3:
+            continue
+        cid = f"c{step}-e{attempt.epoch}"
+        ack(led.begin_checkpoint(checkpoint_id=cid, step=step, ranks=[0, 1], world_size=2, stack="ddp",
+                                 epoch=attempt.epoch), "checkpoint.started")
+        for rank in (0, 1):
+            info = led.blobs.write(f"{led.blobs.checkpoint_dir(cid, attempt.epoch)}/r{rank}",
+                                   rng.randbytes(rng.randint(1, 20000)), codec=rng.choice(["none", "zstd"]))
+            ack(led.record_shards(cid, [ShardWritten(checkpoint_id=cid, rank=rank, location=info.location,
+                                                     bytes=info.bytes, hash=info.hash, codec=info.codec)],
+                                  epoch=attempt.epoch), "shard.written")
+        ack(led.commit_checkpoint(cid, epoch=attempt.epoch), "checkpoint.committed")
+        led.apply_retention(POLICY, epoch=attempt.epoch)
+
+
+def check(run_dir: Path, acks: dict[int, str], deep: bool) -> int | None:
+    if not (run_dir / "ledger.db").exists():
+        assert not acks, "events were acknowledged but the ledger does not exist"
+        return None  # killed before the (atomic) creation finished
+    led = Ledger.open(run_dir, read_only=True)
+    stored = {e.seq: e.tag for e in led.events()}
+    assert list(stored) == list(range(1, len(stored) + 1)), "sequence numbers not contiguous"
+    lost = [(s, t) for s, t in acks.items() if stored.get(s) != t]
+    assert not lost, f"acknowledged events lost: {lost[:5]}"
+    view = led.projection()
+    assert view.state == led.full_replay(), "snapshot+tail differs from a full replay"
+    for ckpt in view.checkpoints.values():
+        if ckpt.status == "committed":
+            assert {s.rank for s in ckpt.shards} >= set(ckpt.ranks)
+            if deep or ckpt is view.resume:
+                for shard in ckpt.shards:
+                    led.blobs.verify(shard.location, shard.hash, shard.bytes)
+    return view.resume.step if view.resume else None
+
+
+@pytest.mark.timeout(900)
+def test_random_sigkill_loop(tmp_path, crash_counter):
+    run_dir = tmp_path / "run"
+    rng = random.Random(1234)
+    acks: dict[int, str] = {}
+    resume_steps = []
+    for kill in range(KILLS):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            os.close(read_fd)
+            try:
+                writer_forever(run_dir, write_fd, seed=kill)
+            finally:
+                os._exit(1)
+        os.close(write_fd)
+        received = b""
+        if rng.random() < 0.9:
+            # Time the kill from the child's own progress, not the wall clock: a loaded
+            # machine must not turn every kill into a kill-during-startup.
+            deadline = time.monotonic() + 30
+            while b"attempt.started" not in received and time.monotonic() < deadline:
+                if select.select([read_fd], [], [], 1.0)[0]:
+                    received += os.read(read_fd, 65536)
+        time.sleep(rng.uniform(0.0, 0.04))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status), f"writer exited on its own (status {status}); see its stderr"
+        with os.fdopen(read_fd, "rb") as pipe:
+            received += pipe.read()
+        for line in received.decode().splitlines():
+            seq, tag = line.split()
+            acks[int(seq)] = tag
+        crash_counter("kill_loop")
+        resume_steps.append(check(run_dir, acks, deep=kill % 25 == 0))
+    # The run made progress across kills, and never resumed from a torn checkpoint (checked above).
+    assert max(s or 0 for s in resume_steps) > 0
+    # A final attempt finishes the run; the crashes' leftovers are found by audit and removed by gc.
+    with Ledger.open(run_dir) as led:
+        view = led.projection()
+        final = led.begin_attempt(resumed_from=view.resume.checkpoint_id)
+        led.append(AttemptEnded(epoch=final.epoch, reason="completed", last_step=view.resume.step), epoch=final.epoch)
+    before = audit(Ledger.open(run_dir, read_only=True))
+    with Ledger.open(run_dir) as led:
+        execute_gc(led, plan_gc(led, POLICY))
+    report = audit(Ledger.open(run_dir, read_only=True), verify_blobs=True)
+    assert report.healthy, [f.message for f in report.problems]
+    assert sum(f.kind == "crashed_attempt" for f in report.findings) >= KILLS // 2, "audit should list the crashes"
+    assert before.findings, "the crashes left nothing for audit to find?"
