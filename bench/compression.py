@@ -47,7 +47,7 @@ def trained_weights(steps: int) -> dict[str, torch.Tensor]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     transition = torch.randint(0, VOCAB, (VOCAB,), generator=gen)  # next token = f(token), with noise
     for _ in range(steps):
-        start = torch.randint(0, VOCAB, (16, 1), generator=gen)
+        start = torch.randint(0, VOCAB, (8, 1), generator=gen)
         seq = [start]
         for _ in range(SEQ):
             nxt = transition[seq[-1]]
@@ -99,7 +99,7 @@ _WEIGHTS: dict[int, dict[str, torch.Tensor]] = {}
 
 
 def _weights(ctx: Context) -> dict[str, torch.Tensor]:
-    steps = ctx.reps(20, 50)
+    steps = ctx.reps(10, 30)
     if steps not in _WEIGHTS:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         _WEIGHTS[steps] = trained_weights(steps)
