@@ -46,6 +46,12 @@ SNAPSHOT_EVERY = 5000
 #: the next cold open (a restarting job, ``inspect``) folds only a short tail.
 SNAPSHOT_ON_CLOSE = 500
 
+#: Facts after which a checkpoint can never be committed (a pin, alias or metric does not end it).
+_ENDS_IN_FLIGHT = frozenset({
+    "checkpoint.committed", "checkpoint.aborted", "checkpoint.deletion_requested", "checkpoint.deleted",
+    "corruption.detected",
+})
+
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
@@ -198,7 +204,7 @@ class Ledger:
                     started = ev
                 elif isinstance(ev, ShardWritten):
                     shards[ev.location] = ev
-                elif stored.tag != "metric.recorded" and not isinstance(ev, (CheckpointStarted, ShardWritten)):
+                elif stored.tag in _ENDS_IN_FLIGHT:
                     ended = ended or stored.tag
             if started is None:
                 raise IncompleteCheckpointError(f"cannot commit {checkpoint_id}: it was never begun")

@@ -68,17 +68,17 @@ class Deletion:
 def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None = None) -> list[Deletion]:
     """The checkpoints ``policy`` would delete now, with reasons. Pure; never includes a protected one."""
     deletions: list[Deletion] = []
+    keep = decisions.protected(state, rule)
     for ckpt in state.checkpoints.values():
         if ckpt.deletion_requested and not ckpt.deletion_done:
             deletions.append(_deletion(ckpt, f"finish interrupted deletion ({ckpt.deletion_reason or 'no reason'})"))
-        elif decisions.is_torn(state, ckpt):
+        elif decisions.is_torn(state, ckpt) and ckpt.checkpoint_id not in keep:  # a pin or user alias still keeps it
             deletions.append(_deletion(ckpt, f"torn save of attempt {ckpt.epoch}: never committed"))
-        elif ckpt.status == "aborted":
+        elif ckpt.status == "aborted" and ckpt.checkpoint_id not in keep:
             # Without this an aborted save's recorded shards would stay on disk forever.
             deletions.append(_deletion(ckpt, f"aborted ({ckpt.abort_reason or 'no reason'}): never committed"))
     if not policy.active:
         return deletions
-    keep = decisions.protected(state, rule)
     committed = [c for c in state.checkpoints.values() if c.status in ("committed", "corrupt") and not c.deletion_requested]
     by_step = sorted(committed, key=lambda c: (c.step, c.committed_seq or 0), reverse=True)
     if policy.keep_last is not None:
