@@ -75,6 +75,10 @@ def _register() -> None:
     for command in (inspect_command, replay_command, audit_command, gc_command, tail_command, pin_command,
                     unpin_command, timeline_command):
         cli.add_command(command)
+    from cli.train_cmd import train_command
+    cli.add_command(train_command)
+    from cli.export_cmd import export_command
+    cli.add_command(export_command)
 
 
 _register()

@@ -50,6 +50,10 @@ class IncompleteCheckpointError(LedgerError, ValueError):
     """A commit was refused: not every expected rank has recorded its shards, or the checkpoint is not in flight."""
 
 
+class DuplicateCheckpointError(LedgerError, ValueError):
+    """A checkpoint id was begun again (ids are never reused, not even a dead attempt's)."""
+
+
 class CorruptBlobError(LedgerError, IOError):
     """A stored blob is missing, truncated, or its content hash does not match the ledger."""
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from ledger import retention
 from ledger.blobs import LocalBlobStore
 from ledger.decisions import BestRule
-from ledger.errors import CorruptBlobError, IncompleteCheckpointError, LedgerError
+from ledger.errors import CorruptBlobError, DuplicateCheckpointError, IncompleteCheckpointError, LedgerError
 from ledger.events import (
     AttemptStarted,
     CheckpointAborted,
@@ -174,11 +174,22 @@ class Ledger:
     ) -> int:
         """Phase 1: announce a checkpoint and the ranks whose shards must all arrive before commit."""
         self.blobs.checkpoint_dir(checkpoint_id, epoch)  # validates the id before anything is recorded
-        return self.append(
-            CheckpointStarted(checkpoint_id=checkpoint_id, step=step, ranks=sorted(set(ranks)), world_size=world_size,
-                              stack=stack, topology=dict(topology or {})),
-            epoch=epoch, event_id=f"{checkpoint_id}:started",
-        )
+        event = CheckpointStarted(checkpoint_id=checkpoint_id, step=step, ranks=sorted(set(ranks)),
+                                  world_size=world_size, stack=stack, topology=dict(topology or {}))
+
+        def make_started(conn: sqlite3.Connection) -> CheckpointStarted:
+            # Ids are never reused: another attempt's save under this id (even a dead one's)
+            # would otherwise be mistaken for ours, and retention could delete it under us.
+            for stored in checkpoint_events(conn, checkpoint_id):
+                if isinstance(stored.event, CheckpointStarted):
+                    raise DuplicateCheckpointError(
+                        f"checkpoint id {checkpoint_id!r} was already begun by attempt {stored.epoch} (seq "
+                        f"{stored.seq}); use a new id, e.g. one that includes the attempt epoch"
+                    )
+            return event
+
+        # The epoch in the event id makes a retry by the same attempt a no-op.
+        return self._writer().append_computed(make_started, epoch=epoch, event_id=f"{checkpoint_id}:started:e{epoch}")
 
     def record_shards(self, checkpoint_id: str, shards: Sequence[ShardWritten], *, epoch: int) -> list[int]:
         """Record durably written shard files (one ``shard.written`` each, in one transaction)."""
@@ -197,11 +208,11 @@ class Ledger:
         newer attempt) can slip in between the check and the commit.
         """
         def make_commit(conn: sqlite3.Connection) -> CheckpointCommitted:
-            started, shards, ended = None, {}, None
+            started, started_epoch, shards, ended = None, None, {}, None
             for stored in checkpoint_events(conn, checkpoint_id):
                 ev = stored.event
                 if isinstance(ev, CheckpointStarted):
-                    started = ev
+                    started, started_epoch = ev, stored.epoch
                 elif isinstance(ev, ShardWritten):
                     shards[ev.location] = ev
                 elif stored.tag in _ENDS_IN_FLIGHT:
@@ -210,6 +221,11 @@ class Ledger:
                 raise IncompleteCheckpointError(f"cannot commit {checkpoint_id}: it was never begun")
             if ended is not None:
                 raise IncompleteCheckpointError(f"cannot commit {checkpoint_id}: the log already has {ended} for it")
+            if started_epoch != epoch:
+                raise IncompleteCheckpointError(
+                    f"cannot commit {checkpoint_id}: it was begun by attempt {started_epoch}, not attempt {epoch}; "
+                    "only the attempt that wrote a checkpoint may commit it"
+                )
             missing = sorted(set(started.ranks) - {s.rank for s in shards.values()})
             if missing:
                 raise IncompleteCheckpointError(

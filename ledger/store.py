@@ -385,6 +385,8 @@ class LogWriter:
         supplied = [i for i in given if i]
         minted = iter(new_event_ids(len(given) - len(supplied)))
         ids = [i or next(minted) for i in given]
+        if len(set(ids)) != len(ids):
+            raise ValueError("an event id repeats within one append; give each event its own id")
         with self._transaction(f"append {len(events)} event(s)") as conn:
             existing = dict(
                 conn.execute(

@@ -121,3 +121,23 @@ def test_writer_snapshots_as_the_log_grows_in_small_steps(tmp_path, monkeypatch)
     ro = Ledger.open(tmp_path / "run", read_only=True)
     assert ro.projection().last_step == 49
     assert ro.projection().state == ro.full_replay()
+
+
+def test_checkpoint_ids_are_never_reused_and_only_their_attempt_commits(tmp_path):
+    from ledger import DuplicateCheckpointError
+
+    led = Ledger.open(tmp_path / "run")
+    dead = led.begin_attempt()
+    led.begin_checkpoint(checkpoint_id="step-100", step=100, ranks=[0], world_size=1, stack="ddp", epoch=dead.epoch)
+    # A retry by the same attempt is a no-op.
+    led.begin_checkpoint(checkpoint_id="step-100", step=100, ranks=[0], world_size=1, stack="ddp", epoch=dead.epoch)
+    live = led.begin_attempt()
+    with pytest.raises(DuplicateCheckpointError, match="already begun by attempt 1"):
+        led.begin_checkpoint(checkpoint_id="step-100", step=100, ranks=[0], world_size=1, stack="ddp", epoch=live.epoch)
+    info = led.blobs.write(f"{led.blobs.checkpoint_dir('step-100', dead.epoch)}/r0", b"abc")
+    led.record_shards("step-100", [ShardWritten(checkpoint_id="step-100", rank=0, location=info.location,
+                                                bytes=info.bytes, hash=info.hash)], epoch=None)
+    with pytest.raises(IncompleteCheckpointError, match="begun by attempt 1, not attempt 2"):
+        led.commit_checkpoint("step-100", epoch=live.epoch)
+    with pytest.raises(ValueError, match="repeats"):
+        led.append_many([StepCompleted(step=1), StepCompleted(step=2)], epoch=live.epoch, event_ids=["x", "x"])

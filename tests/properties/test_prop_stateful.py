@@ -49,7 +49,8 @@ class Ckpt:
     shards: dict[str, int] = field(default_factory=dict)  # location -> rank
     status: str = "in_flight"
     commit_seq: int = 0
-    deletion_requested: bool = False
+    deletion_requested: bool = False  # status turns "deleted" at the request: never loaded again
+    deletion_done: bool = False  # checkpoint.deleted: every blob is gone
     pinned: bool = False
     metric: float | None = None
     corrupted: set[str] = field(default_factory=set)
@@ -106,9 +107,10 @@ class Model:
 
     def delete_requested(self, cid: str) -> None:
         self.ckpts[cid].deletion_requested = True
+        self.ckpts[cid].status = "deleted"
 
     def deleted(self, cid: str) -> None:
-        self.ckpts[cid].deletion_requested = True
+        self.ckpts[cid].deletion_requested = self.ckpts[cid].deletion_done = True
         self.ckpts[cid].status = "deleted"
         self.aliases = {a: c for a, c in self.aliases.items() if c != cid}
 
@@ -353,7 +355,7 @@ class LedgerMachine(RuleBasedStateMachine):
         for d in done:
             assert self.model.ckpts[d.checkpoint_id].status == "deleted"
             assert not any(self.led.blobs.exists(loc) for loc in d.locations)
-        assert not [c for c in self.model.ckpts.values() if c.deletion_requested and c.status != "deleted"]
+        assert not [c for c in self.model.ckpts.values() if c.deletion_requested and not c.deletion_done]
 
     @precondition(lambda self: any(c.shards and c.status == "committed" for c in self.model.ckpts.values()))
     @rule(data=st.data(), how=st.sampled_from(["flip", "truncate", "delete"]))
@@ -376,7 +378,10 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def load_resume_target(self):
         """What a restart does: verify the resume target, report corruption, fall back to the next one."""
-        while (target := self.led.projection().resume) is not None:
+        for _ in range(len(self.model.ckpts) + 1):  # each report must rule one checkpoint out
+            target = self.led.projection().resume
+            if target is None:
+                return
             try:
                 for shard in target.shards:
                     self.led.blobs.verify(shard.location, shard.hash, shard.bytes)
@@ -388,6 +393,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.ack(seq, "corruption.detected")
                 self.model.ckpts[target.checkpoint_id].status = "corrupt"
                 TOTALS["corruptions_reported"] += 1
+        raise AssertionError("reporting corruption did not move the resume target")
 
     @rule(epoch=attempts, step=st.integers(0, 60), via_old_handle=st.booleans())
     def train_step(self, epoch, step, via_old_handle):
@@ -439,7 +445,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert (view.best and view.best.checkpoint_id) == self.model.best()
         for cid, ckpt in self.model.ckpts.items():
             got = view.checkpoints[cid]
-            assert (got.status, got.pinned, got.deletion_requested) == (ckpt.status, ckpt.pinned, ckpt.deletion_requested), cid
+            assert (got.status, got.pinned, got.deletion_requested, got.deletion_done) == (
+                ckpt.status, ckpt.pinned, ckpt.deletion_requested, ckpt.deletion_done), cid
 
     @invariant()
     def every_projection_path_agrees(self):
@@ -472,9 +479,10 @@ class LedgerMachine(RuleBasedStateMachine):
 TestLedgerMachine = LedgerMachine.TestCase
 
 
-def test_crash_budget_is_reported():
+def test_crash_budget_is_reported(crash_counter):
     """Runs after the machine (same module): the CI profile must inject a few hundred crashes."""
     if TOTALS["examples"] == 0:
         pytest.skip("the state machine did not run in this session")
     print(f"\nstateful machine: {json.dumps(TOTALS)}")
+    crash_counter("stateful machine", TOTALS["crashes"])
     assert TOTALS["crashes"] >= 2 * TOTALS["examples"]

@@ -1,0 +1,84 @@
+"""``ckpt-ledger train``: run the embedded default job, recording every fact in the run's ledger."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from cli.errors import EXIT_USAGE, CliError
+
+STACK_CHOICES = ("ddp", "fsdp", "tppp")
+
+
+@click.command("train")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run directory (created if missing).")
+@click.option("--stack", type=click.Choice(STACK_CHOICES), default="ddp", show_default=True, help="Parallelism stack.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="Tensor-parallel degree (tppp).")
+@click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True, help="Pipeline-parallel degree (tppp).")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
+              help="The run's TOTAL step target; a resumed run continues to it.")
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Commit a checkpoint every N steps (and at the last step).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Record eval_loss every N steps (0: never).")
+@click.option("--keep-last", type=click.IntRange(min=0), default=None, help="Retention: keep the K newest checkpoints.")
+@click.option("--keep-every", type=click.IntRange(min=1), default=None, help="Retention: keep steps divisible by N.")
+@click.option("--keep-best", type=click.IntRange(min=0), default=None, help="Retention: keep the K best by eval_loss.")
+@click.option("--resume", "resume", metavar="ID|latest|best", default=None,
+              help="Resume from this checkpoint; missing or invalid is an error, never a fresh start.")
+@click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
+              help="Initialise model weights from a torch state-dict file when nothing is resumed.")
+@click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), default=0, show_default=True, help="Random seed.")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Restart all workers up to N times after a worker dies (each restart resumes).")
+def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, steps: int, ckpt_every: int,
+                  eval_every: int, keep_last: int | None, keep_every: int | None, keep_best: int | None,
+                  resume: str | None, pretrained: str | None, seed: int, max_restarts: int) -> None:
+    """Train the embedded default job (a tiny transformer LM on generated text).
+
+    Exits 0 when the run reaches --steps, 75 when preempted (SIGTERM/SIGUSR1) after
+    saving its state, 1 when the ledger says no (fenced, --resume of a missing
+    checkpoint), 2 on bad input. The same command runs under `torchrun -m trainer`
+    and SLURM `srun`.
+
+    \b
+    Example:
+      ckpt-ledger train --run-dir runs/exp1 --stack fsdp --nproc 2 --steps 300
+      ckpt-ledger train --run-dir runs/exp1 --resume latest --steps 600
+    """
+    # Imported here: torch is heavy and only `train` needs it.
+    from trainer.config import TrainerConfig
+    from trainer.default_job import JobSpec
+    from trainer.launch import inside_external_launcher, launch
+    from trainer.stacks import PLANNED_STACKS, Topology, get_stack
+
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ and inside_external_launcher(os.environ) \
+        else nproc
+    try:
+        topology = Topology.resolve(world, tp=tp, pp=pp)
+    except ValueError as err:
+        raise CliError(f"--tp {tp} --pp {pp}: {err} (--nproc {world})", EXIT_USAGE) from None
+    if stack in PLANNED_STACKS:
+        raise CliError(f"--stack {stack} (tp={topology.tp} pp={topology.pp} dp={topology.dp}) is valid but "
+                       f"not implemented yet: {PLANNED_STACKS[stack]}", EXIT_USAGE)
+    try:
+        get_stack(stack).topology(world, tp=tp, pp=pp)
+    except ValueError as err:
+        raise CliError(f"--stack {stack}: {err}", EXIT_USAGE) from None
+    try:
+        config = TrainerConfig(
+            run_dir=run_dir, stack=stack, tp=tp, pp=pp, steps=steps, ckpt_every=ckpt_every, eval_every=eval_every,
+            keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, resume=resume, pretrained=pretrained,
+            seed=seed, job=JobSpec().as_dict(),
+        )
+    except ValueError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    outcome = launch(config.to_dict(), nproc=nproc, max_restarts=max_restarts)
+    if outcome.exit_code != 0:
+        # Under torchrun/srun every rank returns the same outcome: rank 0 alone says it.
+        if outcome.message and os.environ.get("RANK", "0") == "0":
+            click.echo(f"ckpt-ledger: {'error: ' if outcome.exit_code != 75 else ''}{outcome.message}", err=True)
+        sys.exit(outcome.exit_code)

@@ -1,0 +1,134 @@
+"""``TrainerConfig``: everything one training run is configured by, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Config fields that say *how* this process runs, not *what* experiment it is. They are
+#: left out of the canonical config (and so of the config hash) recorded in ``run.started``.
+OPERATIONAL_FIELDS = frozenset({"run_dir", "resume", "print_every", "dist_timeout_s"})
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainerConfig:
+    """Configuration of one training run (one run directory, any number of attempts)."""
+
+    run_dir: str
+    """Run directory: holds ``ledger.db`` and the shard blobs. Created if missing."""
+
+    stack: str = "ddp"
+    """Parallelism stack, a name in :func:`trainer.stacks.available_stacks` (``ddp``, ``fsdp``)."""
+
+    tp: int = 1
+    """Tensor-parallel degree (only stacks that declare tensor parallelism accept > 1)."""
+
+    pp: int = 1
+    """Pipeline-parallel degree (only stacks that declare pipeline parallelism accept > 1)."""
+
+    steps: int = 300
+    """The run's total step target. A resumed attempt continues until the run reaches it."""
+
+    ckpt_every: int = 50
+    """Commit a checkpoint every this many steps (and always at the final step)."""
+
+    eval_every: int = 50
+    """Record ``eval_loss`` every this many steps; 0 disables evaluation."""
+
+    log_every: int = 10
+    """Append the buffered ``step.completed`` events every this many steps."""
+
+    print_every: int = 50
+    """Rank 0 prints step, loss and steps/s every this many steps; 0 disables."""
+
+    keep_last: int | None = None
+    """Retention: keep the K highest-step committed checkpoints (``None``: no such rule)."""
+
+    keep_every: int | None = None
+    """Retention: keep checkpoints whose step is a multiple of N (``None``: no such rule)."""
+
+    keep_best: int | None = None
+    """Retention: keep the K best checkpoints by ``best_metric`` (``None``: no such rule)."""
+
+    best_metric: str = "eval_loss"
+    """Metric that ranks checkpoints for the ``best`` alias."""
+
+    best_mode: str = "min"
+    """Whether a lower (``min``) or higher (``max``) ``best_metric`` is better."""
+
+    resume: str | None = None
+    """Explicit source: a checkpoint id, ``latest`` or ``best``. Missing or invalid is an error."""
+
+    pretrained: str | None = None
+    """Model-only initialisation from a plain torch state-dict file, used when nothing is resumed."""
+
+    seed: int = 0
+    """Seed of every random number generator (model init, data, dropout)."""
+
+    lr: float = 3e-3
+    """Peak learning rate of AdamW."""
+
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+
+    warmup_steps: int = 20
+    """Linear warm-up steps before the cosine decay to 10% of ``lr`` at ``steps``."""
+
+    dist_timeout_s: float = 120.0
+    """Timeout of every collective: a lost peer fails the attempt instead of hanging it."""
+
+    job: dict[str, Any] = field(default_factory=dict)
+    """Free-form description of the model and data (recorded as part of the experiment identity)."""
+
+    def __post_init__(self) -> None:
+        # Imported here: the registry imports torch, the config must stay cheap to build.
+        from trainer.stacks import PLANNED_STACKS, available_stacks, get_stack
+
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            raise ValueError("run_dir must be a non-empty path")
+        if self.stack in PLANNED_STACKS:
+            raise ValueError(f"stack {self.stack!r} is not implemented yet: {PLANNED_STACKS[self.stack]}")
+        if self.stack not in available_stacks():
+            raise ValueError(f"stack must be one of {', '.join(available_stacks())}, got {self.stack!r}")
+        for name in ("tp", "pp", "steps", "ckpt_every", "log_every", "warmup_steps"):
+            _require_int(name, getattr(self, name), minimum=0 if name == "warmup_steps" else 1)
+        get_stack(self.stack).topology(self.tp * self.pp, tp=self.tp, pp=self.pp)  # the stack's tp/pp limits
+        for name in ("eval_every", "print_every"):
+            _require_int(name, getattr(self, name), minimum=0)
+        for name in ("keep_last", "keep_best"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name), minimum=0)
+        if self.keep_every is not None:
+            _require_int("keep_every", self.keep_every, minimum=1)
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if not self.best_metric:
+            raise ValueError("best_metric must be a non-empty metric name")
+        if self.resume is not None and (not isinstance(self.resume, str) or not self.resume.strip()):
+            raise ValueError("resume must be a checkpoint id, 'latest' or 'best'")
+        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
+            raise ValueError("pretrained must be a path to a torch state-dict file")
+        _require_int("seed", self.seed, minimum=0)
+        if self.seed >= 2**32:
+            raise ValueError(f"seed must be below 2**32 (numpy's limit), got {self.seed}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.dist_timeout_s, (int, float)) and self.dist_timeout_s > 0):
+            raise ValueError(f"dist_timeout_s must be a positive number of seconds, got {self.dist_timeout_s!r}")
+        if not isinstance(self.job, dict):
+            raise ValueError("job must be a dict describing the model and data")
+
+    def canonical(self) -> dict[str, Any]:
+        """The experiment-defining fields, as recorded in ``run.started`` and hashed."""
+        return {k: v for k, v in asdict(self).items() if k not in OPERATIONAL_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field (picklable, JSON-able): how the launcher hands the config to workers."""
+        return asdict(self)
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

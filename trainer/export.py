@@ -1,0 +1,100 @@
+"""Offline export: a consolidated, model-only state dict from a committed checkpoint's DCP files.
+
+No process group is needed: the global shape of every model tensor is in DCP's
+metadata, so full tensors are allocated and DCP fills them from however many shards
+wrote them (``no_dist=True``). Every shard's hash is verified against the ledger
+first. The run directory is only read; the result is written to ``out`` atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from ledger import CorruptBlobError, Ledger
+from trainer.checkpointing import Candidate
+from trainer.errors import TrainerError
+from trainer.pretrained import plain_key
+
+FORMATS = ("torch", "safetensors")
+_MODEL_PREFIX = "model."
+
+
+class ExportRefusedError(TrainerError):
+    """The checkpoint exists but cannot be exported (not committed, deleted, or a shard is corrupt)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    """What was exported."""
+
+    checkpoint_id: str
+    step: int
+    tensors: int
+    bytes: int
+    out: Path
+
+
+def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:
+    """Every ``model.*`` tensor of a DCP checkpoint directory as one full tensor, keyed by plain name."""
+    reader = FileSystemReader(directory)
+    metadata = reader.read_metadata()
+    template = {
+        fqn[len(_MODEL_PREFIX):]: torch.empty(md.size, dtype=md.properties.dtype)
+        for fqn, md in metadata.state_dict_metadata.items()
+        if fqn.startswith(_MODEL_PREFIX) and isinstance(md, TensorStorageMetadata)
+    }
+    if not template:
+        raise ExportRefusedError(f"{directory} holds no model tensors")
+    state = {"model": template}
+    with warnings.catch_warnings():
+        # no_dist=True is the point here; DCP warns that it found no process group.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, storage_reader=FileSystemReader(directory), no_dist=True)
+    return {plain_key(k): v for k, v in state["model"].items()}
+
+
+def export_model(run_dir: str | os.PathLike[str], ref: str, out: str | os.PathLike[str], *,
+                 fmt: str = "torch") -> ExportResult:
+    """Verify and consolidate checkpoint ``ref`` (``latest``, ``best`` or an id) of a run into ``out``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    ledger = Ledger.open(run_dir, read_only=True)
+    ckpt = ledger.projection().checkpoint(ref)  # CheckpointNotFoundError for an unknown id or alias
+    if not ckpt.usable:
+        raise ExportRefusedError(f"checkpoint {ckpt.checkpoint_id} (step {ckpt.step}) is {ckpt.status}"
+                                 f"{' and being deleted' if ckpt.deletion_requested else ''}; export a committed one")
+    candidate = Candidate.of(ckpt)
+    for shard in candidate.shards:
+        try:
+            ledger.blobs.verify(shard.location, shard.hash, shard.bytes)
+        except CorruptBlobError as err:
+            raise ExportRefusedError(f"checkpoint {ckpt.checkpoint_id}: {err}; export refused") from None
+    try:
+        directory = candidate.directory()
+    except CorruptBlobError as err:
+        raise ExportRefusedError(str(err)) from None
+    state = consolidated_model_state(ledger.blobs.path(directory))
+
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                      metadata={"checkpoint_id": ckpt.checkpoint_id, "step": str(ckpt.step)})
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult(ckpt.checkpoint_id, ckpt.step, len(state), target.stat().st_size, target)

@@ -1,0 +1,167 @@
+"""``RunJournal``: rank 0's record of the run, through the ledger's Python API only.
+
+Facts are born on every rank but recorded by one writer: the journal owns the
+``Ledger`` handle and the attempt's fencing epoch, buffers ``step.completed`` events
+into batched appends, and turns the first ``FencedError`` into a remembered state the
+training loop acts on at the next step boundary (a fenced writer must stop, and must
+not try to record anything else).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ledger import Attempt, FencedError, Ledger, RetentionPolicy, View
+from ledger.events import (
+    AttemptEnded,
+    MetricRecorded,
+    PreemptionSignalled,
+    ShardWritten,
+    StepCompleted,
+)
+from ledger.faults import crash_point
+
+
+@dataclass(frozen=True, slots=True)
+class ShardFact:
+    """One file a rank wrote for a checkpoint: what ``shard.written`` records."""
+
+    rank: int
+    location: str
+    bytes: int
+    hash: str
+    codec: str = "none"
+
+
+class Fenced(Exception):
+    """A newer attempt owns the run; this one must stop without recording anything more."""
+
+    def __init__(self, fenced_by: int) -> None:
+        super().__init__(f"fenced by epoch {fenced_by}: a newer attempt took over this run; not restarting")
+        self.fenced_by = fenced_by
+
+
+class RunJournal:
+    """The coordinator's writer: run identity, the attempt, steps, checkpoints, metrics, retention."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.ledger = Ledger.open(run_dir)
+        self.attempt: Attempt | None = None
+        self.fenced_by: int | None = None
+        self._steps: list[StepCompleted] = []
+
+    # -- the run and the attempt -----------------------------------------------------------
+
+    def start_run(self, config: dict[str, Any], config_hash: str, code_id: str | None) -> tuple[str, bool]:
+        """Record the run's identity (once); returns ``(run_id, same_config)``."""
+        started = self.ledger.start_run(run_id=uuid.uuid4().hex[:12], config=config, config_hash=config_hash,
+                                        code_id=code_id)
+        return started.run_id, started.config_hash == config_hash
+
+    def projection(self) -> View:
+        """The run as the ledger sees it now."""
+        return self.ledger.projection()
+
+    def begin_attempt(self, *, world_size: int, stack: str, topology: dict[str, int], resumed_from: str | None,
+                      slurm: dict[str, Any] | None, previous_topology: dict[str, Any] | None) -> int:
+        """Begin this attempt (fencing every older one); returns its epoch."""
+        job_id = (slurm or {}).get("job_id") or os.environ.get("TORCHELASTIC_RUN_ID") or None
+        self.attempt = self.ledger.begin_attempt(
+            job_id=job_id, slurm=slurm, host=socket.gethostname(), pid=os.getpid(), world_size=world_size,
+            stack=stack, topology=topology, resumed_from=resumed_from, previous_topology=previous_topology,
+        )
+        return self.attempt.epoch
+
+    @property
+    def epoch(self) -> int:
+        if self.attempt is None:
+            raise RuntimeError("no attempt has begun")
+        return self.attempt.epoch
+
+    def report_corruption(self, checkpoint_id: str, location: str, expected: str | None, found: str | None) -> None:
+        """Record a shard that failed verification (before an attempt began: as an operator fact)."""
+        epoch = self.attempt.epoch if self.attempt is not None else None
+        self._guard(lambda: self.ledger.report_corruption(checkpoint_id, location, expected, found, epoch=epoch))
+
+    def end_attempt(self, reason: str, last_step: int, *, signal_name: str | None = None) -> None:
+        """Flush steps and record how the attempt ended (nothing is recorded once fenced)."""
+        if self.fenced_by is not None or self.attempt is None:
+            return
+        self.flush_steps()
+        events: list[Any] = []
+        if signal_name is not None:
+            events.append(PreemptionSignalled(signal=signal_name, step=last_step))
+        events.append(AttemptEnded(epoch=self.epoch, reason=reason, last_step=last_step))
+        self._guard(lambda: self.ledger.append_many(events, epoch=self.epoch))
+
+    # -- steps and metrics -------------------------------------------------------------------
+
+    def step_completed(self, step: int, metrics: dict[str, float]) -> None:
+        """Buffer one ``step.completed`` (appended by :meth:`flush_steps`)."""
+        self._steps.append(StepCompleted(step=step, metrics=metrics))
+
+    def flush_steps(self) -> None:
+        """Append the buffered steps in one transaction."""
+        if not self._steps or self.fenced_by is not None:
+            return
+        batch, self._steps = self._steps, []
+        self._guard(lambda: self.ledger.append_many(batch, epoch=self.epoch))
+
+    def metric(self, name: str, value: float, step: int, checkpoint_id: str | None) -> None:
+        """Record a metric (e.g. ``eval_loss``), tied to a checkpoint when one was taken at ``step``."""
+        self._guard(lambda: self.ledger.append(
+            MetricRecorded(name=name, value=value, step=step, checkpoint_id=checkpoint_id), epoch=self.epoch))
+
+    # -- the two-phase checkpoint ------------------------------------------------------------
+
+    def checkpoint_dir(self, checkpoint_id: str) -> str:
+        """The attempt-namespaced location prefix the ranks write ``checkpoint_id`` into."""
+        return self.ledger.blobs.checkpoint_dir(checkpoint_id, self.epoch)
+
+    def begin_checkpoint(self, checkpoint_id: str, step: int, world_size: int, stack: str,
+                         topology: dict[str, int]) -> bool:
+        """Phase 1; ``False`` when fenced (then nobody may write)."""
+        self.flush_steps()
+        return self._guard(lambda: self.ledger.begin_checkpoint(
+            checkpoint_id=checkpoint_id, step=step, ranks=list(range(world_size)), world_size=world_size,
+            stack=stack, topology=topology, epoch=self.epoch)) is not None
+
+    def commit_checkpoint(self, checkpoint_id: str, shards: Sequence[ShardFact]) -> bool:
+        """Record every shard, then commit; ``False`` when fenced. Refusals (a missing rank) raise."""
+        events = [ShardWritten(checkpoint_id=checkpoint_id, rank=s.rank, location=s.location, bytes=s.bytes,
+                               hash=s.hash, codec=s.codec) for s in shards]
+        if self._guard(lambda: self.ledger.record_shards(checkpoint_id, events, epoch=self.epoch)) is None:
+            return False
+        crash_point("trainer.before_commit")
+        return self._guard(lambda: self.ledger.commit_checkpoint(checkpoint_id, epoch=self.epoch)) is not None
+
+    def abort_checkpoint(self, checkpoint_id: str, reason: str) -> None:
+        """Record that the checkpoint will never be committed, and why."""
+        self._guard(lambda: self.ledger.abort_checkpoint(checkpoint_id, reason[:500], epoch=self.epoch))
+
+    def apply_retention(self, policy: RetentionPolicy) -> list[str]:
+        """Run the ledger's retention after a commit; returns the deleted checkpoint ids."""
+        if not policy.active:
+            return []
+        deleted = self._guard(lambda: self.ledger.apply_retention(policy, epoch=self.epoch))
+        return [d.checkpoint_id for d in deleted or []]
+
+    def close(self) -> None:
+        """Release the ledger."""
+        self.ledger.close()
+
+    # -- fencing -------------------------------------------------------------------------------
+
+    def _guard(self, append):  # noqa: ANN001, ANN202 - a thunk returning whatever the append returns
+        """Run an append; on ``FencedError`` remember who fenced us and return ``None``."""
+        if self.fenced_by is not None:
+            return None
+        try:
+            return append()
+        except FencedError as err:
+            self.fenced_by = err.fenced_by
+            return None

@@ -1,0 +1,162 @@
+"""Joining the process group, wherever the process came from, and the few collectives the trainer uses.
+
+A worker learns its place from the environment: torchrun and our own launcher set
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; under SLURM ``srun`` those come from
+``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; a lone process is rank 0 of 1.
+CPU runs use gloo (on loopback unless told otherwise), CUDA runs nccl.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, MutableMapping
+
+import torch
+import torch.distributed as dist
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class DistContext:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    owns_group: bool
+    """Whether we created the process group (and so must destroy it)."""
+
+    @property
+    def is_coordinator(self) -> bool:
+        """Rank 0 alone talks to the ledger."""
+        return self.rank == 0
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that was free a moment ago (good enough for a local rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def apply_single_node_defaults(env: MutableMapping[str, str]) -> None:
+    """Defaults for a single-node CPU run: loopback master, a free port, gloo bound to ``lo``.
+
+    Only unset variables are filled: a user's (or scheduler's) choice always wins.
+    """
+    env.setdefault("MASTER_ADDR", LOOPBACK)
+    if "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(free_port())
+    if is_loopback(env["MASTER_ADDR"]):
+        # gloo picks the interface of the hostname otherwise, which may not route to 127.0.0.1.
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def under_srun(env: MutableMapping[str, str]) -> bool:
+    """Whether this process is one task of a multi-task SLURM step (``srun``) not already given a rank."""
+    return "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
+
+
+def map_slurm_env(env: MutableMapping[str, str]) -> None:
+    """Translate ``srun``'s task variables into the ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` torch reads."""
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = _slurm_master_host(env)
+    if "MASTER_PORT" not in env:
+        # Every task must agree without talking: derive the port from the job id.
+        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    if is_loopback(env["MASTER_ADDR"]):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def _slurm_master_host(env: MutableMapping[str, str]) -> str:
+    if int(env.get("SLURM_NNODES", "1")) <= 1:
+        return LOOPBACK
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(f"cannot find the first node of {nodelist!r} ({err}); set MASTER_ADDR") from err
+    return out.stdout.split()[0]
+
+
+def slurm_facts(env: MutableMapping[str, str]) -> dict[str, Any] | None:
+    """The SLURM identity recorded in ``attempt.started.slurm`` (``None`` outside SLURM)."""
+    if "SLURM_JOB_ID" not in env:
+        return None
+    return {
+        "job_id": env["SLURM_JOB_ID"],
+        "restart_count": int(env.get("SLURM_RESTART_COUNT", "0")),
+        "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+        "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+        "nodelist": env.get("SLURM_JOB_NODELIST"),
+    }
+
+
+def init_distributed(timeout_s: float) -> DistContext:
+    """Join (or create) the default process group; every collective times out after ``timeout_s``."""
+    env = os.environ
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(env.get("LOCAL_RANK", rank))
+        return DistContext(rank, world, local_rank, _device(local_rank), dist.get_backend(), owns_group=False)
+    if under_srun(env):
+        map_slurm_env(env)
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        apply_single_node_defaults(env)
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    device = _device(local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend, owns_group=True)
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` (in rank order) on ``dst``; ``None`` elsewhere."""
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def all_reduce_max(values: list[int], device: torch.device) -> list[int]:
+    """Element-wise maximum of small integer vectors over all ranks."""
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [int(v) for v in tensor.tolist()]
+
+
+def all_reduce_mean(value: torch.Tensor) -> float:
+    """Mean of a scalar over all ranks (a copy; ``value`` is untouched)."""
+    tensor = value.detach().clone().to(torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor) / dist.get_world_size()

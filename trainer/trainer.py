@@ -1,0 +1,346 @@
+"""``Trainer``: the training lifecycle, top to bottom.
+
+``Trainer(config, model_fn=..., data_fn=...)`` joins the process group, builds the
+mesh, seeds, builds and parallelizes the model, makes the optimizer and schedule,
+reads the ledger's projection, verifies and loads what the run should start from and
+begins an attempt. :meth:`Trainer.fit` then trains to the run's step target,
+committing coordinated checkpoints, and returns how the attempt ended.
+
+``model_fn() -> nn.Module`` builds the model on CPU (the same on every rank: the
+trainer seeds before calling it). ``data_fn(dp_rank, dp_size, seed, device)``
+returns the batches of one data-parallel rank: an object with ``next_batch() ->
+(inputs, targets)``, ``state_dict()``/``load_state_dict()`` (the data position,
+saved per rank) and optionally ``eval_batches()`` (used every ``eval_every`` steps).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from ledger import LedgerError, RetentionPolicy
+from ledger.faults import crash_point
+from trainer.checkpointing import Candidate, Checkpointer, SaveOutcome
+from trainer.config import TrainerConfig
+from trainer.errors import EXIT_PREEMPTED, EXIT_PROBLEM, BadInputError, StartRefusedError
+from trainer.identity import code_id, config_hash
+from trainer.journal import RunJournal
+from trainer.pretrained import read_pretrained
+from trainer.preemption import PreemptionWatch, StopReason
+from trainer.process_group import all_reduce_max, all_reduce_mean, broadcast_object, init_distributed, slurm_facts
+from trainer.sources import StartPlan, choose_start, honoured_resume
+from trainer.stacks import get_stack
+from trainer.train_state import load_template, pack, restore_rng, seed_everything, seed_rank, unpack
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """How an attempt ended, identical on every rank."""
+
+    status: str
+    """``completed``, ``preempted`` or ``fenced``."""
+    step: int
+    """The step the run is at (and has a committed checkpoint for, unless fenced)."""
+    exit_code: int
+    """What ``ckpt-ledger train`` exits with: 0, 75 (preempted and saved) or 1."""
+    message: str | None = None
+    """One line for the user when the attempt did not complete."""
+
+
+def cross_entropy_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Default loss: mean cross entropy over every position."""
+    return F.cross_entropy(output.reshape(-1, output.shape[-1]), targets.reshape(-1))
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor: linear warm-up, then cosine decay to 10% at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+class Trainer:
+    """One attempt of a run: set up in the constructor, trained by :meth:`fit`."""
+
+    def __init__(self, config: TrainerConfig, *, model_fn: Callable[[], nn.Module],
+                 data_fn: Callable[[int, int, int, torch.device], Any],
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 preemption: PreemptionWatch | None = None) -> None:
+        self.config = config
+        self.loss_fn = loss_fn or cross_entropy_loss
+        self.journal: RunJournal | None = None
+
+        # 1. Distributed init: join the process group (gloo on CPU, nccl on CUDA). Signals are
+        #    caught from here on: a preemption during setup is acted on at the first step boundary.
+        self.ctx = init_distributed(config.dist_timeout_s)
+        self._owns_watch = preemption is None
+        self.preemption = preemption or PreemptionWatch().install()
+        try:
+            self._setup(model_fn, data_fn)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def _setup(self, model_fn: Callable[[], nn.Module], data_fn: Callable[..., Any]) -> None:
+        cfg, ctx = self.config, self.ctx
+
+        # 2. Device mesh: the stack validates tp/pp against the world and lays out the ranks.
+        self.stack = get_stack(cfg.stack)
+        try:
+            self.topology = self.stack.topology(ctx.world_size, tp=cfg.tp, pp=cfg.pp)
+        except ValueError as err:
+            raise BadInputError(str(err)) from None
+        self.mesh = self.stack.build_mesh(self.topology, ctx.device.type)
+        dp_rank, dp_size = self.stack.data_parallel_coordinates(self.mesh)
+
+        # 3. Seed: the same on every rank, so every rank builds the same initial weights.
+        seed_everything(cfg.seed)
+
+        # 4. Model, built on CPU by the job and moved to this rank's device.
+        model = model_fn().to(ctx.device)
+
+        # 5. Parallelize with the chosen stack; then give each rank its own random streams (dropout).
+        self.model = self.stack.parallelize(model, self.mesh)
+        seed_rank(cfg.seed, ctx.rank)
+
+        # 6. Optimizer, LR schedule and this rank's slice of the data.
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+        self.data = data_fn(dp_rank, dp_size, cfg.seed, ctx.device)
+
+        # 7. Read the projection: rank 0 alone opens the ledger, records the run's identity once.
+        view = None
+        if ctx.is_coordinator:
+            self.journal = RunJournal(cfg.run_dir)
+            canonical = cfg.canonical()
+            _, same = self.journal.start_run(canonical, config_hash(canonical), code_id())
+            if not same:
+                self._say("note: this config differs from the one the run started with (see run.started)")
+            view = self.journal.projection()
+        self.checkpointer = Checkpointer(
+            ctx, cfg.run_dir, self.journal, stack=cfg.stack, topology=self.topology.as_dict(),
+            retention=RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every, keep_best=cfg.keep_best),
+        )
+
+        # 8. Choose the source (explicit resume > automatic resume > pretrained > fresh), verifying
+        #    shard hashes; begin the attempt (fencing older ones); then load.
+        plan = choose_start(self.checkpointer, view, resume=honoured_resume(cfg.resume), pretrained=cfg.pretrained)
+        self.epoch = self._begin_attempt(plan)
+        self.step = self._load(plan)
+        self._saved_step = self.step if plan.candidate is not None else None
+
+    # -- setup helpers ----------------------------------------------------------------------------
+
+    def _begin_attempt(self, plan: StartPlan) -> int:
+        """Rank 0 records the attempt and any corruption found; every rank learns the epoch."""
+        answer: tuple[int | None, str | None] | None = None
+        if self.journal is not None:
+            epoch = None
+            if plan.error is None:
+                candidate = plan.candidate
+                previous = None if candidate is None else {
+                    "world_size": candidate.world_size, "stack": candidate.stack, **candidate.topology}
+                epoch = self.journal.begin_attempt(
+                    world_size=self.ctx.world_size, stack=self.config.stack, topology=self.topology.as_dict(),
+                    resumed_from=candidate.checkpoint_id if candidate else None, slurm=slurm_facts(os.environ),
+                    previous_topology=previous,
+                )
+            for bad in plan.bad_shards:
+                self.journal.report_corruption(bad.checkpoint_id, bad.location, bad.expected_hash, bad.found_hash)
+                self._say(f"corruption: {bad.detail}; checkpoint {bad.checkpoint_id} will not be loaded")
+            answer = (epoch, plan.error)
+        epoch, error = broadcast_object(answer)
+        if error is not None:
+            raise StartRefusedError(error)
+        return epoch
+
+    def _load(self, plan: StartPlan) -> int:
+        """Load the chosen source; returns the step the attempt starts at."""
+        if plan.candidate is not None:
+            return self._resume(plan.candidate)
+        if plan.pretrained is not None:
+            weights = read_pretrained(plan.pretrained)
+            try:
+                self.stack.load_full_model_state(self.model, weights)
+            except (RuntimeError, KeyError, ValueError) as err:
+                raise BadInputError(f"--pretrained {plan.pretrained}: does not fit the model "
+                                    f"({' '.join(str(err).split())[:200]})") from None
+            self._say(f"initialised model weights from {plan.pretrained} (optimizer, schedule and step start fresh)")
+        return 0
+
+    def _resume(self, candidate: Candidate) -> int:
+        rank = self.ctx.rank
+        # With a different world size there is no state of "this rank"; continue rank r from r mod old.
+        source_rank = rank % candidate.world_size
+        model_state, optim_state = self.stack.state_dicts(self.model, self.optimizer)
+        template = load_template(model_state=model_state, optim_state=optim_state, rank=source_rank)
+        self.checkpointer.load(candidate, template)
+        self.stack.load_state_dicts(self.model, self.optimizer, template["model"], template["optim"])
+        trainer_state, rank_state = unpack(template, source_rank)
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        restore_rng(rank_state["rng"])
+        self.data.load_state_dict(rank_state["data"])
+        if candidate.world_size != self.ctx.world_size:
+            self._say(f"world size changed {candidate.world_size} -> {self.ctx.world_size}: "
+                      "resumed, but not bitwise-comparable with an unchanged run")
+        self._say(f"resumed from {candidate.checkpoint_id} at step {trainer_state['step']}")
+        return int(trainer_state["step"])
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def fit(self) -> RunOutcome:
+        """Train to ``config.steps``; checkpoint, evaluate, stop early on preemption or fencing."""
+        try:
+            outcome = self._fit()
+        except BaseException:
+            if self.journal is not None:
+                try:
+                    self.journal.end_attempt("failed", self.step)
+                except LedgerError as err:  # the original error matters more; say why the record is missing
+                    print(f"[ckpt-ledger] could not record the failed attempt: {err}", file=sys.stderr)
+            self.close(failed=True)
+            raise
+        self.close()
+        return outcome
+
+    def _fit(self) -> RunOutcome:
+        cfg = self.config
+        if self.step >= cfg.steps:
+            self._say(f"run is already at step {self.step} of {cfg.steps}; nothing to do")
+            return self._finish("completed", 0)
+        self.model.train()
+        started, started_step = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            inputs, targets = self.data.next_batch()
+            loss = self.stack.train_step(self.model, inputs, targets, self.loss_fn)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            crash_point("trainer.after_step")
+            if self.journal is not None:
+                self.journal.step_completed(self.step, {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0]})
+                if self.step % cfg.log_every == 0:
+                    self.journal.flush_steps()
+            if cfg.print_every and (self.step % cfg.print_every == 0 or self.step == started_step + 1):
+                rate = (self.step - started_step) / max(time.perf_counter() - started, 1e-9)
+                mean = all_reduce_mean(loss)
+                self._say(f"step {self.step}/{cfg.steps}  loss {mean:.4f}  {rate:.1f} steps/s")
+
+            saved = None
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                saved = self._checkpoint()
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self._evaluate(saved.checkpoint_id if saved is not None and saved.committed else None)
+
+            stop, detail = self._agree_to_stop()
+            if stop == StopReason.FENCED:
+                return self._fenced(detail)
+            if stop == StopReason.PREEMPTED:
+                return self._preempted(detail)
+        return self._finish("completed", 0)
+
+    def _checkpoint(self) -> SaveOutcome:
+        model_state, optim_state = self.stack.state_dicts(self.model, self.optimizer)
+        state = pack(model_state=model_state, optim_state=optim_state, step=self.step,
+                     scheduler_state=self.scheduler.state_dict(), rank=self.ctx.rank, data_state=self.data.state_dict())
+        outcome = self.checkpointer.save(state, step=self.step, epoch=self.epoch)
+        if outcome.committed:
+            self._saved_step = self.step
+            self._say(f"checkpoint {outcome.checkpoint_id} committed at step {self.step}")
+        elif not outcome.fenced:
+            self._say(f"checkpoint {outcome.checkpoint_id} aborted: {outcome.reason}")
+        return outcome
+
+    def _evaluate(self, checkpoint_id: str | None) -> None:
+        batches = getattr(self.data, "eval_batches", None)
+        if batches is None:
+            return
+        self.model.eval()
+        losses = [self.stack.eval_loss(self.model, x, y, self.loss_fn) for x, y in batches()]
+        self.model.train()
+        value = all_reduce_mean(torch.stack(losses).mean())
+        if self.journal is not None:
+            self.journal.metric("eval_loss", value, self.step, checkpoint_id)
+
+    def _agree_to_stop(self) -> tuple[StopReason, int]:
+        """Every rank's view of preemption and fencing, reduced: all ranks stop at the same step."""
+        received = self.preemption.received
+        signum = int(signal.Signals[received]) if received is not None else 0
+        fenced_by = self.journal.fenced_by if self.journal is not None and self.journal.fenced_by else 0
+        signum, fenced_by = all_reduce_max([signum, fenced_by], self.ctx.device)
+        if fenced_by:
+            return StopReason.FENCED, fenced_by
+        return (StopReason.PREEMPTED if signum else StopReason.NONE), signum
+
+    def _preempted(self, signum: int) -> RunOutcome:
+        name = signal.Signals(signum).name
+        if self._saved_step != self.step:
+            saved = self._checkpoint()
+            if saved.fenced:
+                return self._fenced(saved.fenced_by)
+            if not saved.committed:
+                message = f"preempted by {name} at step {self.step} but the checkpoint failed: {saved.reason}"
+                if self.journal is not None:
+                    self.journal.end_attempt("failed", self.step)
+                return RunOutcome("failed", self.step, EXIT_PROBLEM, message)
+        if self.journal is not None:
+            self.journal.end_attempt("preempted", self.step, signal_name=name)
+        self._say(f"preempted by {name}: saved at step {self.step}, exiting {EXIT_PREEMPTED} (requeue me)")
+        return RunOutcome("preempted", self.step, EXIT_PREEMPTED, f"preempted by {name}; state saved at step {self.step}")
+
+    def _fenced(self, fenced_by: int | None) -> RunOutcome:
+        message = f"fenced by epoch {fenced_by}: a newer attempt took over this run; this job stops (not restarted)"
+        return RunOutcome("fenced", self.step, EXIT_PROBLEM, message)
+
+    def _finish(self, status: str, exit_code: int) -> RunOutcome:
+        if self._saved_step != self.step and self.step > 0:
+            saved = self._checkpoint()
+            if saved.fenced:
+                return self._fenced(saved.fenced_by)
+        if self.journal is not None:
+            self.journal.end_attempt(status, self.step)
+            if self.journal.fenced_by is not None:  # rank 0 alone learns this; it is the one reporting
+                return self._fenced(self.journal.fenced_by)
+        return RunOutcome(status, self.step, exit_code)
+
+    # -- odds and ends ----------------------------------------------------------------------------
+
+    def _say(self, message: str) -> None:
+        if self.ctx.is_coordinator:
+            print(f"[ckpt-ledger] {message}", file=sys.stdout, flush=True)
+
+    def close(self, *, failed: bool = False) -> None:
+        """Stop catching signals, release the ledger and leave the process group (if we joined it).
+
+        After a failure the group may be broken (a peer died mid-collective) and destroying it
+        could block until the collective timeout, so it is left for process exit.
+        """
+        if self._owns_watch:
+            self.preemption.uninstall()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+        if failed or not (self.ctx.owns_group and dist.is_initialized()):
+            return
+        # Drop everything holding the group (DDP's reducer, the mesh) first, so that the group is
+        # freed last, by destroy_process_group: a gloo group freed from DDP's reducer while the GIL
+        # is held can deadlock against its own worker threads (pytorch/pytorch#56297).
+        self.model = self.optimizer = self.scheduler = self.mesh = self.checkpointer = None  # type: ignore[assignment]
+        gc.collect()
+        dist.destroy_process_group()
