@@ -18,6 +18,10 @@ STACK_CHOICES = ("ddp", "fsdp", "tppp")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="Tensor-parallel degree (tppp).")
 @click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True, help="Pipeline-parallel degree (tppp).")
+@click.option("--pp-schedule", type=click.Choice(("1F1B", "GPipe")), default="1F1B", show_default=True,
+              help="Pipeline schedule (tppp with --pp > 1).")
+@click.option("--pp-microbatches", type=click.IntRange(min=1), default=None,
+              help="Microbatches per step (tppp; default: one per pipeline stage).")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
               help="The run's TOTAL step target; a resumed run continues to it.")
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=50, show_default=True,
@@ -34,7 +38,8 @@ STACK_CHOICES = ("ddp", "fsdp", "tppp")
 @click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), default=0, show_default=True, help="Random seed.")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
               help="Restart all workers up to N times after a worker dies (each restart resumes).")
-def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, steps: int, ckpt_every: int,
+def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_schedule: str,
+                  pp_microbatches: int | None, steps: int, ckpt_every: int,
                   eval_every: int, keep_last: int | None, keep_every: int | None, keep_best: int | None,
                   resume: str | None, pretrained: str | None, seed: int, max_restarts: int) -> None:
     """Train the embedded default job (a tiny transformer LM on generated text).
@@ -48,10 +53,13 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, steps:
     Example:
       ckpt-ledger train --run-dir runs/exp1 --stack fsdp --nproc 2 --steps 300
       ckpt-ledger train --run-dir runs/exp1 --resume latest --steps 600
+      ckpt-ledger train --run-dir runs/exp2 --stack tppp --tp 2 --pp 2 --nproc 4
     """
     # Imported here: torch is heavy and only `train` needs it.
+    import torch
+
     from trainer.config import TrainerConfig
-    from trainer.default_job import JobSpec
+    from trainer.default_job import JobSpec, default_job
     from trainer.launch import inside_external_launcher, launch
     from trainer.stacks import PLANNED_STACKS, Topology, get_stack
 
@@ -70,12 +78,23 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, steps:
         raise CliError(f"--stack {stack}: {err}", EXIT_USAGE) from None
     try:
         config = TrainerConfig(
-            run_dir=run_dir, stack=stack, tp=tp, pp=pp, steps=steps, ckpt_every=ckpt_every, eval_every=eval_every,
+            run_dir=run_dir, stack=stack, tp=tp, pp=pp, pp_schedule=pp_schedule, pp_microbatches=pp_microbatches,
+            steps=steps, ckpt_every=ckpt_every, eval_every=eval_every,
             keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, resume=resume, pretrained=pretrained,
             seed=seed, job=JobSpec().as_dict(),
         )
     except ValueError as err:
         raise CliError(str(err), EXIT_USAGE) from None
+    # The stack checks its limits and that the job's model splits this way before any process starts.
+    # The model is built on the meta device: shapes only, no compute in the launcher, which forks
+    # its workers (OpenMP's thread pool does not survive a fork).
+    try:
+        chosen = get_stack(stack, config)
+        with torch.device("meta"):
+            model = default_job(JobSpec())[0]()
+        chosen.check_model(model, chosen.topology(world, tp=tp, pp=pp))
+    except ValueError as err:
+        raise CliError(f"--stack {stack} --tp {tp} --pp {pp} (--nproc {world}): {err}", EXIT_USAGE) from None
     outcome = launch(config.to_dict(), nproc=nproc, max_restarts=max_restarts)
     if outcome.exit_code != 0:
         # Under torchrun/srun every rank returns the same outcome: rank 0 alone says it.

@@ -26,6 +26,12 @@ class TrainerConfig:
     pp: int = 1
     """Pipeline-parallel degree (only stacks that declare pipeline parallelism accept > 1)."""
 
+    pp_schedule: str = "1F1B"
+    """Pipeline schedule of pipeline-parallel stacks: ``1F1B`` or ``GPipe``."""
+
+    pp_microbatches: int | None = None
+    """Microbatches per step of pipeline-parallel stacks (``None``: one per pipeline stage)."""
+
     steps: int = 300
     """The run's total step target. A resumed attempt continues until the run reaches it."""
 
@@ -92,7 +98,8 @@ class TrainerConfig:
             raise ValueError(f"stack must be one of {', '.join(available_stacks())}, got {self.stack!r}")
         for name in ("tp", "pp", "steps", "ckpt_every", "log_every", "warmup_steps"):
             _require_int(name, getattr(self, name), minimum=0 if name == "warmup_steps" else 1)
-        get_stack(self.stack).topology(self.tp * self.pp, tp=self.tp, pp=self.pp)  # the stack's tp/pp limits
+        # The stack's tp/pp limits and its own options (pp_schedule, pp_microbatches).
+        get_stack(self.stack, self).topology(self.tp * self.pp, tp=self.tp, pp=self.pp)
         for name in ("eval_every", "print_every"):
             _require_int(name, getattr(self, name), minimum=0)
         for name in ("keep_last", "keep_best"):

@@ -50,6 +50,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.heads = heads
+        self.head_dim = dim // heads
         self.attn_norm = nn.LayerNorm(dim)
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, dim, bias=False)
@@ -62,19 +63,29 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x + attn(norm(x))``, then ``+ mlp(norm(.))``."""
-        batch, length, dim = x.shape
+        batch, length, _ = x.shape
         h = self.attn_norm(x)
 
+        # Heads are counted from the projection's width, not fixed: under tensor parallelism
+        # ``wq``/``wk``/``wv`` are column shards and each rank holds ``heads / tp`` of them.
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, length, self.heads, dim // self.heads).transpose(1, 2)
+            return t.view(batch, length, -1, self.head_dim).transpose(1, 2)
 
         attn = F.scaled_dot_product_attention(split(self.wq(h)), split(self.wk(h)), split(self.wv(h)), is_causal=True)
-        x = x + self.dropout(self.wo(attn.transpose(1, 2).reshape(batch, length, dim)))
+        x = x + self.dropout(self.wo(attn.transpose(1, 2).reshape(batch, length, -1)))
         return x + self.dropout(self.w2(F.gelu(self.w1(self.mlp_norm(x)))))
 
 
 class TinyLM(nn.Module):
-    """Token + position embeddings, ``layers`` identical blocks, a final norm and an LM head."""
+    """Token + position embeddings, ``layers`` identical blocks, a final norm and an LM head.
+
+    ``forward`` is :meth:`embed`, the blocks, then :meth:`project`, so a pipeline stack can
+    run the three parts on different stages: the children named in ``input_layers`` go
+    with the first stage, those in ``output_layers`` with the last.
+    """
+
+    input_layers = ("tok_emb", "pos_emb")
+    output_layers = ("norm", "head")
 
     def __init__(self, spec: JobSpec) -> None:
         super().__init__()
@@ -84,13 +95,21 @@ class TinyLM(nn.Module):
         self.norm = nn.LayerNorm(spec.dim)
         self.head = nn.Linear(spec.dim, spec.vocab, bias=False)
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(batch, length)`` to the first block's input ``(batch, length, dim)``."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.tok_emb(tokens) + self.pos_emb(positions)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output to logits ``(batch, length, vocab)``."""
+        return self.head(self.norm(x))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits for every position."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.tok_emb(tokens) + self.pos_emb(positions)
+        x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return self.project(x)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

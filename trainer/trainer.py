@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.optim.lr_scheduler import LambdaLR
 
 from ledger import LedgerError, RetentionPolicy
@@ -74,6 +75,28 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
+def _is_layout_error(err: BaseException) -> bool:
+    """Whether a failed load is about the checkpoint's contents, not about a lost peer."""
+    causes = [failure[0] for failure in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+    return not any(isinstance(cause, dist.DistError) for cause in causes)
+
+
+def unmappable_checkpoint_message(candidate: Candidate, stack: str, world_size: int, topology: dict[str, int],
+                                  err: BaseException) -> str:
+    """One line: which layout saved the checkpoint, which one could not load it and why, and what loads it."""
+    def layout(stack_name: str, world: int, topo: dict[str, int]) -> str:
+        return f"--stack {stack_name} --nproc {world} --tp {topo.get('tp', 1)} --pp {topo.get('pp', 1)}"
+
+    if isinstance(err, CheckpointException):
+        reason = "; ".join(f"{type(f[0]).__name__}: {f[0]}" for f in list(err.failures.values())[:1])
+    else:
+        reason = f"{type(err).__name__}: {err}"
+    saved = layout(candidate.stack, candidate.world_size, candidate.topology)
+    return (f"checkpoint {candidate.checkpoint_id} (step {candidate.step}) was saved by {saved} and cannot be "
+            f"resharded to {layout(stack, world_size, topology)} ({' '.join(reason.split())[:300]}); "
+            f"resume it with {saved}")
+
+
 class Trainer:
     """One attempt of a run: set up in the constructor, trained by :meth:`fit`.
 
@@ -104,7 +127,7 @@ class Trainer:
         cfg, ctx = self.config, self.ctx
 
         # 2. Device mesh: the stack validates tp/pp against the world and lays out the ranks.
-        self.stack = get_stack(cfg.stack)
+        self.stack = get_stack(cfg.stack, cfg)
         try:
             self.topology = self.stack.topology(ctx.world_size, tp=cfg.tp, pp=cfg.pp)
         except ValueError as err:
@@ -193,8 +216,16 @@ class Trainer:
         source_rank = rank % candidate.world_size
         model_state, optim_state = self.stack.state_dicts(self.model, self.optimizer)
         template = load_template(model_state=model_state, optim_state=optim_state, rank=source_rank)
-        self.checkpointer.load(candidate, template)
-        self.stack.load_state_dicts(self.model, self.optimizer, template["model"], template["optim"])
+        try:
+            self.checkpointer.load(candidate, template)
+            self.stack.load_state_dicts(self.model, self.optimizer, template["model"], template["optim"])
+        except (CheckpointException, KeyError, ValueError, RuntimeError) as err:
+            # DCP reshards between stacks and world sizes; what it cannot map is refused with
+            # the layout that saved the checkpoint (lost peers are crashes, not refusals).
+            here = (self.config.stack, self.ctx.world_size, self.topology.as_dict())
+            if here == (candidate.stack, candidate.world_size, candidate.topology) or not _is_layout_error(err):
+                raise
+            raise BadInputError(unmappable_checkpoint_message(candidate, *here, err)) from None
         trainer_state, rank_state = unpack(template, source_rank)
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         restore_rng(rank_state["rng"])

@@ -11,16 +11,20 @@ pick it up by name.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from trainer.stacks.base import LossFn, Stack, Topology
 from trainer.stacks.ddp import DDPStack
 from trainer.stacks.fsdp import FSDPStack
+from trainer.stacks.tppp import TpppStack
+
+if TYPE_CHECKING:
+    from trainer.config import TrainerConfig
 
 _REGISTRY: dict[str, type[Stack]] = {}
 
 #: Stacks that the CLI accepts and validates but that are not built yet, with why.
-PLANNED_STACKS: dict[str, str] = {
-    "tppp": "tensor+pipeline parallelism lands in a later release; use --stack ddp or --stack fsdp",
-}
+PLANNED_STACKS: dict[str, str] = {}
 
 
 def register_stack(stack: type[Stack]) -> type[Stack]:
@@ -37,17 +41,19 @@ def available_stacks() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def get_stack(name: str) -> Stack:
-    """A fresh instance of the stack registered as ``name``."""
+def get_stack(name: str, config: "TrainerConfig | None" = None) -> Stack:
+    """A fresh instance of the stack registered as ``name``, configured by ``config`` when given."""
     try:
-        return _REGISTRY[name]()
+        stack = _REGISTRY[name]
     except KeyError:
         if name in PLANNED_STACKS:
             raise ValueError(f"stack {name!r} is not implemented yet: {PLANNED_STACKS[name]}") from None
         raise ValueError(f"unknown stack {name!r}; available: {', '.join(_REGISTRY)}") from None
+    return stack() if config is None else stack.from_config(config)
 
 
 register_stack(DDPStack)
 register_stack(FSDPStack)
+register_stack(TpppStack)
 
 __all__ = ["PLANNED_STACKS", "LossFn", "Stack", "Topology", "available_stacks", "get_stack", "register_stack"]

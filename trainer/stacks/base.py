@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+if TYPE_CHECKING:
+    from trainer.config import TrainerConfig
 
 #: ``loss_fn(model_output, targets) -> scalar loss``.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,12 +71,23 @@ class Stack(ABC):
     max_pp: ClassVar[int | None] = 1
     """Largest pipeline-parallel degree the stack supports (``None``: any)."""
 
+    @classmethod
+    def from_config(cls, config: "TrainerConfig") -> "Stack":
+        """The stack configured by a run's config (stacks without options of their own: ``cls()``)."""
+        return cls()
+
     def topology(self, world_size: int, *, tp: int = 1, pp: int = 1) -> Topology:
         """Validate and return the topology this stack would use on ``world_size`` ranks."""
         for label, value, limit in (("tp", tp, self.max_tp), ("pp", pp, self.max_pp)):
             if limit is not None and value > limit:
                 raise ValueError(f"stack {self.name!r} supports {label} <= {limit}, got {label}={value}")
         return Topology.resolve(world_size, tp=tp, pp=pp)
+
+    def check_model(self, model: nn.Module, topology: Topology) -> None:
+        """Raise ``ValueError`` if ``model`` cannot be parallelized as ``topology`` (before any process group exists).
+
+        Data-parallel stacks take any model; model-parallel stacks check that it splits.
+        """
 
     def build_mesh(self, topology: Topology, device_type: str) -> DeviceMesh:
         """The device mesh (data-parallel stacks: one ``dp`` dimension)."""
