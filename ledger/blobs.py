@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-import zstandard
-
+from ledger import codecs
 from ledger.errors import CorruptBlobError, LedgerWriteError
 from ledger.faults import crash_point
 
 HASH_ALGO = "blake2b"
-CODECS = ("none", "zstd")
+CODECS = codecs.CODECS
 _CHUNK = 1 << 20
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -134,9 +133,7 @@ class LocalBlobStore(BlobStore):
         return resolved
 
     def write(self, location: str, data: bytes | memoryview, *, codec: str = "none", level: int = 3) -> BlobInfo:
-        if codec not in CODECS:
-            raise ValueError(f"unknown codec {codec!r}; use one of {', '.join(CODECS)}")
-        payload = zstandard.ZstdCompressor(level=level).compress(data) if codec == "zstd" else data
+        payload = codecs.encode(data, codec, level=level)
         with self.open_atomic(location) as sink:
             sink.write(payload)
         return BlobInfo(location=location, bytes=sink.size, hash=sink.hash, codec=codec)
@@ -161,9 +158,7 @@ class LocalBlobStore(BlobStore):
                     f"shard {location} hash {format_hash(hasher)} does not match the ledger's {expected_hash}",
                     location=location, expected_hash=expected_hash, found_hash=format_hash(hasher),
                 )
-        if codec == "zstd":
-            return zstandard.ZstdDecompressor().decompress(data)
-        return data
+        return codecs.decode(data, codec, location=location)
 
     def hash_file(self, location: str) -> tuple[str, int]:
         hasher, size = new_hasher(), 0

@@ -24,7 +24,7 @@ from ledger.events import (
     ShardWritten,
 )
 from ledger.faults import crash_point
-from ledger.projection import PROJECTION_VERSION, State, decode_state, encode_state, fold
+from ledger.projection import PROJECTION_VERSION, State, decode_state, encode_state, fold_chunks
 from ledger.store import (
     LEDGER_FILE,
     OPERATOR_EPOCH,
@@ -32,8 +32,9 @@ from ledger.store import (
     LogWriter,
     StoredEvent,
     checkpoint_events,
-    iter_events,
+    iter_event_chunks,
     latest_snapshot,
+    latest_snapshot_seq,
     max_seq,
     read_events,
 )
@@ -41,6 +42,9 @@ from ledger.view import View
 
 #: A writer stores a snapshot once this many events have accumulated past the last one.
 SNAPSHOT_EVERY = 5000
+#: ``close()`` stores a snapshot if at least this many events came after the last one, so
+#: the next cold open (a restarting job, ``inspect``) folds only a short tail.
+SNAPSHOT_ON_CLOSE = 500
 
 #: Facts after which a checkpoint can never be committed (a pin, alias or metric does not end it).
 _ENDS_IN_FLIGHT = frozenset({
@@ -83,9 +87,24 @@ class Ledger:
         return self._log.path
 
     def close(self) -> None:
-        """Release the database connection (writers only hold one)."""
+        """Release the database connection (writers only hold one), snapshotting a long unsnapshotted tail first."""
         if isinstance(self._log, LogWriter):
+            try:
+                self._snapshot_if_behind(SNAPSHOT_ON_CLOSE)
+            except LedgerError:
+                pass  # a snapshot is only a cache: failing to store one must not make close() fail
             self._log.close()
+
+    def _snapshot_if_behind(self, threshold: int) -> None:
+        def behind(conn: sqlite3.Connection) -> int:
+            newest = max_seq(conn)
+            return newest - latest_snapshot_seq(conn, at_most=newest, projection_version=PROJECTION_VERSION)
+
+        if self._log.query(behind) >= threshold:
+            self.projection()  # folds from the in-memory cache and refreshes it
+            seq, state = self._cache  # type: ignore[misc]
+            self._writer().save_snapshot(seq, PROJECTION_VERSION, state)
+            self._snapshot_seq = seq
 
     def __enter__(self) -> "Ledger":
         return self
@@ -263,7 +282,7 @@ class Ledger:
         """The run as of sequence ``at`` (default: now): snapshot + tail, folded."""
         if at is not None and at < 0:
             raise ValueError(f"sequence number must be >= 0, got {at}")
-        state, seq, folded = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
+        state, seq, folded, snapshot_seq = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
         if at is None and isinstance(self._log, LogWriter):
             # Cache the encoded state (bytes, immutable) so the next call folds only the tail.
             if folded or self._cache is None or self._cache[0] != seq:
@@ -271,30 +290,29 @@ class Ledger:
             # Snapshot by distance from the last one, not by this call's tail: a trainer
             # projects after every commit, folding a few events at a time.
             if self._snapshot_seq is None:
-                self._snapshot_seq = self._log.query(
-                    lambda c: (latest_snapshot(c, at_most=seq, projection_version=PROJECTION_VERSION) or (0, b""))[0])
+                self._snapshot_seq = snapshot_seq
             if seq - self._snapshot_seq >= SNAPSHOT_EVERY:
                 self._log.save_snapshot(seq, PROJECTION_VERSION, self._cache[1])
                 self._snapshot_seq = seq
         return View(state, best_rule)
 
-    def _fold_to(self, conn: sqlite3.Connection, at: int | None) -> tuple[State, int, int]:
+    def _fold_to(self, conn: sqlite3.Connection, at: int | None) -> tuple[State, int, int, int]:
+        """Fold up to ``at``: returns (state, its seq, events folded, seq of the newest stored snapshot)."""
         newest = max_seq(conn)
         target = newest if at is None else min(at, newest)
         start_seq, start = 0, None
         if self._cache is not None and self._cache[0] <= target:
             start_seq, start = self._cache
-        snap = latest_snapshot(conn, at_most=target, projection_version=PROJECTION_VERSION)
-        if snap is not None and snap[0] > start_seq:
-            start_seq, start = snap
+        snapshot_seq = latest_snapshot_seq(conn, at_most=target, projection_version=PROJECTION_VERSION)
+        if snapshot_seq > start_seq:  # read the (possibly large) snapshot only when it is the better start
+            snap = latest_snapshot(conn, at_most=target, projection_version=PROJECTION_VERSION)
+            if snap is not None:
+                start_seq, start = snap
         state = decode_state(start) if start is not None else State()
-        count = 0
-        for stored in iter_events(conn, after_seq=start_seq, until_seq=target):
-            count += 1
-            fold((stored,), state)
+        state = fold_chunks(iter_event_chunks(conn, after_seq=start_seq, until_seq=target), state)
         state.seq = target
-        return state, target, count
+        return state, target, target - start_seq, snapshot_seq
 
     def full_replay(self, at: int | None = None) -> State:
         """Fold the whole log from seq 1, ignoring snapshots and caches (for checks and tests)."""
-        return self._log.query(lambda c: fold(iter_events(c, until_seq=at)))
+        return self._log.query(lambda c: fold_chunks(iter_event_chunks(c, until_seq=at)))

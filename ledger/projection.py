@@ -13,7 +13,9 @@ log is history, and history is not refused after the fact.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+import gc
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgspec
 
@@ -147,7 +149,8 @@ def encode_state(state: State) -> bytes:
 
 def decode_state(data: bytes) -> State:
     """Inverse of :func:`encode_state`."""
-    return _decoder.decode(data)
+    with _gc_paused():  # a 10k-checkpoint state is ~10^5 acyclic objects: collections only slow it down
+        return _decoder.decode(data)
 
 
 def _anomaly(state: State, seq: int, message: str) -> None:
@@ -171,113 +174,156 @@ def apply(state: State, event: Event, *, seq: int, epoch: int, recorded_at: floa
     attempt = state.attempts.get(epoch)
     if attempt is not None:
         attempt.last_seq = seq
-
-    if isinstance(event, StepCompleted):
-        _apply_step(state, event, epoch)
-    elif isinstance(event, ShardWritten):
-        ckpt = _checkpoint(state, seq, event.checkpoint_id, "shard.written")
-        if ckpt is not None:
-            ckpt.shards = [s for s in ckpt.shards if s.location != event.location]
-            ckpt.shards.append(
-                ShardState(rank=event.rank, location=event.location, bytes=event.bytes, hash=event.hash, codec=event.codec)
-            )
-    elif isinstance(event, CheckpointStarted):
-        if event.checkpoint_id in state.checkpoints:
-            _anomaly(state, seq, f"checkpoint {event.checkpoint_id} started twice")
-        else:
-            state.checkpoints[event.checkpoint_id] = CheckpointState(
-                checkpoint_id=event.checkpoint_id,
-                step=event.step,
-                epoch=epoch,
-                started_seq=seq,
-                ranks=list(event.ranks),
-                world_size=event.world_size,
-                stack=event.stack,
-                topology=dict(event.topology),
-            )
-    elif isinstance(event, CheckpointCommitted):
-        ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.committed")
-        if ckpt is not None:
-            if ckpt.status != "in_flight":
-                _anomaly(state, seq, f"commit of {event.checkpoint_id} while {ckpt.status}")
-            else:
-                ckpt.status = "committed"
-                ckpt.committed_seq = seq
-    elif isinstance(event, CheckpointAborted):
-        ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.aborted")
-        if ckpt is not None:
-            if ckpt.status == "in_flight":
-                ckpt.status = "aborted"
-            ckpt.abort_reason = event.reason
-    elif isinstance(event, MetricRecorded):
-        state.metrics_by_step.setdefault(event.step, {})[event.name] = event.value
-        if event.checkpoint_id is not None:
-            ckpt = _checkpoint(state, seq, event.checkpoint_id, "metric.recorded")
-            if ckpt is not None:
-                ckpt.metrics[event.name] = event.value
-    elif isinstance(event, AliasPromoted):
-        if _checkpoint(state, seq, event.checkpoint_id, f"alias {event.alias}") is not None:
-            state.aliases[event.alias] = event.checkpoint_id
-    elif isinstance(event, (CheckpointPinned, CheckpointUnpinned)):
-        ckpt = _checkpoint(state, seq, event.checkpoint_id, "pin")
-        if ckpt is not None:
-            ckpt.pinned = isinstance(event, CheckpointPinned)
-    elif isinstance(event, CheckpointDeletionRequested):
-        ckpt = _checkpoint(state, seq, event.checkpoint_id, "deletion request")
-        if ckpt is not None:
-            ckpt.deletion_requested = True
-            ckpt.deletion_reason = event.reason
-            ckpt.status = "deleted"
-    elif isinstance(event, CheckpointDeleted):
-        ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.deleted")
-        if ckpt is not None:
-            ckpt.status = "deleted"
-            ckpt.deletion_requested = True
-            ckpt.deletion_done = True
-            state.aliases = {a: c for a, c in state.aliases.items() if c != event.checkpoint_id}
-    elif isinstance(event, CorruptionDetected):
-        ckpt = _checkpoint(state, seq, event.checkpoint_id, "corruption.detected")
-        if ckpt is not None:
-            if event.location not in ckpt.corrupt_locations:
-                ckpt.corrupt_locations.append(event.location)
-            if ckpt.status in ("committed", "in_flight"):
-                ckpt.status = "corrupt"
-    elif isinstance(event, AttemptStarted):
-        _apply_attempt_started(state, event, seq, recorded_at)
-    elif isinstance(event, AttemptEnded):
-        ended = state.attempts.get(event.epoch)
-        if ended is None:
-            _anomaly(state, seq, f"attempt.ended for unknown epoch {event.epoch}")
-        else:
-            ended.status = event.reason
-            ended.reason = event.reason
-            ended.ended_at = recorded_at
-            ended.ended_seq = seq
-            if event.last_step is not None:
-                ended.last_step = event.last_step
-    elif isinstance(event, PreemptionSignalled):
-        if attempt is not None:
-            attempt.preempted_by = event.signal
-    elif isinstance(event, RunStarted):
-        if state.run is None:
-            state.run = RunInfo(
-                run_id=event.run_id, config=dict(event.config), config_hash=event.config_hash, code_id=event.code_id
-            )
-        else:
-            _anomaly(state, seq, "run.started appended twice")
+    handler = _handler_for(type(event))
+    if handler is not None:
+        handler(state, event, seq, epoch, recorded_at, attempt)
     return state
 
 
-def _apply_step(state: State, event: StepCompleted, epoch: int) -> None:
-    attempt = state.attempts.get(epoch)
+def _on_shard_written(state: State, event: ShardWritten, seq: int, epoch: int, recorded_at: float,
+                      attempt: AttemptState | None) -> None:
+    ckpt = _checkpoint(state, seq, event.checkpoint_id, "shard.written")
+    if ckpt is not None:
+        ckpt.shards = [s for s in ckpt.shards if s.location != event.location]
+        ckpt.shards.append(
+            ShardState(rank=event.rank, location=event.location, bytes=event.bytes, hash=event.hash, codec=event.codec)
+        )
+
+
+def _on_checkpoint_started(state: State, event: CheckpointStarted, seq: int, epoch: int, recorded_at: float,
+                           attempt: AttemptState | None) -> None:
+    if event.checkpoint_id in state.checkpoints:
+        _anomaly(state, seq, f"checkpoint {event.checkpoint_id} started twice")
+    else:
+        state.checkpoints[event.checkpoint_id] = CheckpointState(
+            checkpoint_id=event.checkpoint_id,
+            step=event.step,
+            epoch=epoch,
+            started_seq=seq,
+            ranks=list(event.ranks),
+            world_size=event.world_size,
+            stack=event.stack,
+            topology=dict(event.topology),
+        )
+
+
+def _on_committed(state: State, event: CheckpointCommitted, seq: int, epoch: int, recorded_at: float,
+                  attempt: AttemptState | None) -> None:
+    ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.committed")
+    if ckpt is not None:
+        if ckpt.status != "in_flight":
+            _anomaly(state, seq, f"commit of {event.checkpoint_id} while {ckpt.status}")
+        else:
+            ckpt.status = "committed"
+            ckpt.committed_seq = seq
+
+
+def _on_aborted(state: State, event: CheckpointAborted, seq: int, epoch: int, recorded_at: float,
+                attempt: AttemptState | None) -> None:
+    ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.aborted")
+    if ckpt is not None:
+        if ckpt.status == "in_flight":
+            ckpt.status = "aborted"
+        ckpt.abort_reason = event.reason
+
+
+def _on_metric(state: State, event: MetricRecorded, seq: int, epoch: int, recorded_at: float,
+               attempt: AttemptState | None) -> None:
+    state.metrics_by_step.setdefault(event.step, {})[event.name] = event.value
+    if event.checkpoint_id is not None:
+        ckpt = _checkpoint(state, seq, event.checkpoint_id, "metric.recorded")
+        if ckpt is not None:
+            ckpt.metrics[event.name] = event.value
+
+
+def _on_alias(state: State, event: AliasPromoted, seq: int, epoch: int, recorded_at: float,
+              attempt: AttemptState | None) -> None:
+    if _checkpoint(state, seq, event.checkpoint_id, f"alias {event.alias}") is not None:
+        state.aliases[event.alias] = event.checkpoint_id
+
+
+def _on_pin(state: State, event: CheckpointPinned | CheckpointUnpinned, seq: int, epoch: int, recorded_at: float,
+            attempt: AttemptState | None) -> None:
+    ckpt = _checkpoint(state, seq, event.checkpoint_id, "pin")
+    if ckpt is not None:
+        ckpt.pinned = isinstance(event, CheckpointPinned)
+
+
+def _on_deletion_requested(state: State, event: CheckpointDeletionRequested, seq: int, epoch: int,
+                           recorded_at: float, attempt: AttemptState | None) -> None:
+    ckpt = _checkpoint(state, seq, event.checkpoint_id, "deletion request")
+    if ckpt is not None:
+        ckpt.deletion_requested = True
+        ckpt.deletion_reason = event.reason
+        ckpt.status = "deleted"
+
+
+def _on_deleted(state: State, event: CheckpointDeleted, seq: int, epoch: int, recorded_at: float,
+                attempt: AttemptState | None) -> None:
+    ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.deleted")
+    if ckpt is not None:
+        ckpt.status = "deleted"
+        ckpt.deletion_requested = True
+        ckpt.deletion_done = True
+        state.aliases = {a: c for a, c in state.aliases.items() if c != event.checkpoint_id}
+
+
+def _on_corruption(state: State, event: CorruptionDetected, seq: int, epoch: int, recorded_at: float,
+                   attempt: AttemptState | None) -> None:
+    ckpt = _checkpoint(state, seq, event.checkpoint_id, "corruption.detected")
+    if ckpt is not None:
+        if event.location not in ckpt.corrupt_locations:
+            ckpt.corrupt_locations.append(event.location)
+        if ckpt.status in ("committed", "in_flight"):
+            ckpt.status = "corrupt"
+
+
+def _on_attempt_ended(state: State, event: AttemptEnded, seq: int, epoch: int, recorded_at: float,
+                      attempt: AttemptState | None) -> None:
+    ended = state.attempts.get(event.epoch)
+    if ended is None:
+        _anomaly(state, seq, f"attempt.ended for unknown epoch {event.epoch}")
+    else:
+        ended.status = event.reason
+        ended.reason = event.reason
+        ended.ended_at = recorded_at
+        ended.ended_seq = seq
+        if event.last_step is not None:
+            ended.last_step = event.last_step
+
+
+def _on_preemption(state: State, event: PreemptionSignalled, seq: int, epoch: int, recorded_at: float,
+                   attempt: AttemptState | None) -> None:
+    if attempt is not None:
+        attempt.preempted_by = event.signal
+
+
+def _on_run_started(state: State, event: RunStarted, seq: int, epoch: int, recorded_at: float,
+                    attempt: AttemptState | None) -> None:
+    if state.run is None:
+        state.run = RunInfo(
+            run_id=event.run_id, config=dict(event.config), config_hash=event.config_hash, code_id=event.code_id
+        )
+    else:
+        _anomaly(state, seq, "run.started appended twice")
+
+
+def _on_step(state: State, event: StepCompleted, seq: int, epoch: int, recorded_at: float,
+             attempt: AttemptState | None) -> None:
+    step = event.step
     if attempt is not None:
         # Count by step deltas, not events: step.completed may be sampled.
         previous = attempt.last_step if attempt.last_step is not None else attempt.first_step
-        if event.step > previous:
-            attempt.steps_run += event.step - previous
-            state.steps_run += event.step - previous
-        attempt.last_step = event.step
-    state.last_step = event.step
+        if step > previous:
+            attempt.steps_run += step - previous
+            state.steps_run += step - previous
+        attempt.last_step = step
+    state.last_step = step
+
+
+def _on_attempt_started(state: State, event: AttemptStarted, seq: int, epoch: int, recorded_at: float,
+                        attempt: AttemptState | None) -> None:
+    _apply_attempt_started(state, event, seq, recorded_at)
 
 
 def _apply_attempt_started(state: State, event: AttemptStarted, seq: int, recorded_at: float) -> None:
@@ -315,9 +361,81 @@ def _apply_attempt_started(state: State, event: AttemptStarted, seq: int, record
         state.last_step = first_step
 
 
+#: Event type -> its fold rule. A dict lookup on the exact type replaces an isinstance
+#: chain, which was a measurable share of replaying a million events.
+_HANDLERS: dict[type, Callable[..., None]] = {
+    StepCompleted: _on_step,
+    ShardWritten: _on_shard_written,
+    CheckpointStarted: _on_checkpoint_started,
+    CheckpointCommitted: _on_committed,
+    CheckpointAborted: _on_aborted,
+    MetricRecorded: _on_metric,
+    AliasPromoted: _on_alias,
+    CheckpointPinned: _on_pin,
+    CheckpointUnpinned: _on_pin,
+    CheckpointDeletionRequested: _on_deletion_requested,
+    CheckpointDeleted: _on_deleted,
+    CorruptionDetected: _on_corruption,
+    AttemptStarted: _on_attempt_started,
+    AttemptEnded: _on_attempt_ended,
+    PreemptionSignalled: _on_preemption,
+    RunStarted: _on_run_started,
+}
+
+
+def _handler_for(event_type: type) -> Callable[..., None] | None:
+    handler = _HANDLERS.get(event_type)
+    if handler is None:  # a subclass of an event type folds like its base
+        handler = next((_HANDLERS[c] for c in event_type.__mro__ if c in _HANDLERS), None)
+    return handler
+
+
 def fold(events: Iterable[Any], state: State | None = None) -> State:
     """Fold stored events (objects with ``seq``, ``epoch``, ``recorded_at``, ``event``) into a state."""
     state = state if state is not None else State()
     for stored in events:
         apply(state, stored.event, seq=stored.seq, epoch=stored.epoch, recorded_at=stored.recorded_at)
     return state
+
+
+def fold_chunks(
+    chunks: Iterable[tuple[Sequence[int], Sequence[int], Sequence[float], Sequence[Event]]], state: State | None = None
+) -> State:
+    """Like :func:`fold`, over ``(seqs, epochs, recorded_ats, events)`` column chunks (the replay fast path).
+
+    Same result as :func:`apply` per event; the loop is inlined because at a million
+    events every attribute lookup and call per event shows.
+    """
+    state = state if state is not None else State()
+    attempts = state.attempts
+    handlers = _HANDLERS
+    with _gc_paused():
+        for seqs, epochs, recorded, events in chunks:
+            for seq, epoch, recorded_at, event in zip(seqs, epochs, recorded, events):
+                attempt = attempts.get(epoch)
+                if attempt is not None:
+                    attempt.last_seq = seq
+                handler = handlers.get(type(event)) or _handler_for(type(event))
+                if handler is not None:
+                    handler(state, event, seq, epoch, recorded_at, attempt)
+            if seqs:
+                state.seq = seqs[-1]
+    return state
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while folding.
+
+    Decoding a chunk (or a snapshot) allocates thousands of acyclic, GC-tracked objects;
+    with the collector running, its generation scans cost ~30% of a replay and up to
+    half of a large snapshot's decode. Reference counting still frees every event as
+    soon as it is folded.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
