@@ -27,7 +27,7 @@ from ledger.audit import audit
 from ledger.events import AttemptEnded, ShardWritten, StepCompleted
 from ledger.gc import execute_gc, plan_gc
 
-KILLS = int(os.environ.get("CKPT_LEDGER_KILLS", "300"))
+KILLS = int(os.environ.get("CKPT_LEDGER_KILLS", "800"))
 POLICY = RetentionPolicy(keep_last=2)
 
 
@@ -73,7 +73,8 @@ def check(run_dir: Path, acks: dict[int, str], deep: bool) -> int | None:
     lost = [(s, t) for s, t in acks.items() if stored.get(s) != t]
     assert not lost, f"acknowledged events lost: {lost[:5]}"
     view = led.projection()
-    assert view.state == led.full_replay(), "snapshot+tail differs from a full replay"
+    if deep:  # a full replay grows with the log: compare it on the periodic deep checks
+        assert view.state == led.full_replay(), "snapshot+tail differs from a full replay"
     for ckpt in view.checkpoints.values():
         if ckpt.status == "committed":
             assert {s.rank for s in ckpt.shards} >= set(ckpt.ranks)
