@@ -28,5 +28,10 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Heavy fault soak: every slow test, many more kills and Hypothesis examples.
+chaos: install
+	CKPT_LEDGER_KILLS=3000 CKPT_LEDGER_CHAOS_KILLS=15 HYPOTHESIS_PROFILE=thorough \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_chaos.py tests/test_kill_loop.py tests/properties
+
 clean:
 	rm -rf $(VENV) runs bench/out

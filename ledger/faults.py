@@ -26,6 +26,12 @@ CRASH_POINTS: dict[str, str] = {
     "retention.after_deletion_requested": "deletion_requested appended, no blob removed yet",
     "retention.after_blob_removed": "one blob of the checkpoint removed",
     "retention.after_deleted": "checkpoint.deleted appended",
+    # Trainer points (any name under "trainer." is accepted, e.g. per rank):
+    "trainer.after_step": "a training step finished, before any checkpoint of it",
+    "trainer.after_shard_write": "this rank's DCP files are written and hashed, facts not yet sent to rank 0",
+    "trainer.rank<N>.after_shard_write": "as above, only on rank N",
+    "trainer.before_commit": "rank 0 recorded every shard, checkpoint.committed not yet appended",
+    "trainer.after_commit": "checkpoint.committed appended",
 }
 
 _ENV = "CKPT_LEDGER_CRASH_AT"

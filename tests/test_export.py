@@ -14,7 +14,7 @@ from trainer_support import assert_bitwise_equal, reference_run, run_cli, view_o
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(400)]
 
 
-@pytest.mark.parametrize("stack", ["ddp", "fsdp"])
+@pytest.mark.parametrize("stack", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
 def test_export_latest_best_and_id_in_both_formats(tmp_path, tmp_path_factory, snapshot_files, stack):
     run_dir, latest = reference_run(tmp_path_factory, stack)
     before = snapshot_files(run_dir)

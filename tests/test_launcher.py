@@ -104,6 +104,7 @@ def _worker_cmd(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "trainer", "--run-dir", str(run_dir), "--stack", "fsdp", *QUICK]
 
 
+@pytest.mark.slow
 def test_srun_tasks_map_slurm_ranks(tmp_path, tmp_path_factory):
     """Two processes started the way ``srun --ntasks 2`` starts them: only SLURM_* says who is who."""
     _, reference = reference_run(tmp_path_factory, "fsdp")

@@ -166,3 +166,23 @@ def test_pretrained_that_does_not_fit_is_bad_input(tmp_path, single_process_env)
     cfg = TrainerConfig(run_dir=str(tmp_path / "run"), steps=5, pretrained=str(weights), job=job)
     with pytest.raises(BadInputError, match="does not fit the model"):
         Trainer(cfg, model_fn=model_fn, data_fn=data_fn, loss_fn=loss_fn)
+
+
+@pytest.mark.multiprocess
+def test_resume_on_a_different_world_size_and_stack(tmp_path, tmp_path_factory):
+    """A 2-rank fsdp checkpoint resumes on 1 ddp rank: DCP reshards; the change is recorded, not hidden."""
+    import shutil
+
+    from trainer_support import reference_run
+
+    reference_dir, _ = reference_run(tmp_path_factory, "fsdp")
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_dir, run_dir)
+    done = run_cli("train", "--run-dir", str(run_dir), "--stack", "ddp", "--nproc", "1", "--steps", "33",
+                   "--ckpt-every", "10", "--eval-every", "0")
+    assert done.returncode == 0, done.stderr
+    assert "world size changed 2 -> 1" in done.stdout
+    attempt = view_of(run_dir).attempts[-1]
+    assert attempt.resumed_from.startswith("step000030") and attempt.world_size == 1 and attempt.stack == "ddp"
+    assert attempt.previous_topology == {"world_size": 2, "stack": "fsdp", "tp": 1, "pp": 1, "dp": 2}
+    assert committed_steps(run_dir)[-1] == 33

@@ -61,8 +61,9 @@ def test_two_process_run_commits_every_rank_shards(tmp_path_factory, stack):
 
 def test_a_rank_failing_to_write_aborts_the_checkpoint_and_training_goes_on(tmp_path):
     run_dir = tmp_path / "run"
-    # Rank 1's shard file of the first checkpoint cannot be created: a directory is in its place.
-    (run_dir / "blobs" / "step000010-e1" / "e1" / "__1_0.distcp").mkdir(parents=True)
+    # Rank 1's shard file of the first and the final checkpoint cannot be created: a directory is in its place.
+    for cid in ("step000010-e1", "step000030-e1"):
+        (run_dir / "blobs" / cid / "e1" / "__1_0.distcp").mkdir(parents=True)
     done = run_cli("train", "--run-dir", str(run_dir), "--nproc", "2", *QUICK)
     assert done.returncode == 0, done.stderr
     view = view_of(run_dir)
@@ -70,6 +71,9 @@ def test_a_rank_failing_to_write_aborts_the_checkpoint_and_training_goes_on(tmp_
     assert first.status == "aborted" and "rank 1" in first.abort_reason
     assert [e.tag for e in events_of(run_dir) if getattr(e.event, "checkpoint_id", None) == "step000010-e1"] == [
         "checkpoint.started", "checkpoint.aborted"]  # no shard recorded, never committed
+    # The final step is always committed: its aborted checkpoint is retried under a new id.
+    assert view.checkpoints["step000030-e1"].status == "aborted"
+    assert view.checkpoints["step000030-e1-r1"].status == "committed"
     assert committed_steps(run_dir) == [20, 30] and view.attempts[0].status == "completed"
 
 

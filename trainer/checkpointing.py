@@ -41,9 +41,9 @@ from trainer.process_group import DistContext, broadcast_object, gather_objects
 DCP_METADATA_FILE = ".metadata"
 
 
-def checkpoint_id_for(step: int, epoch: int) -> str:
-    """Checkpoint ids sort by step and never collide across attempts (a re-run step gets a new id)."""
-    return f"step{step:06d}-e{epoch}"
+def checkpoint_id_for(step: int, epoch: int, retry: int = 0) -> str:
+    """Ids are never reused: the attempt's epoch tells attempts apart, ``retry`` a second try at a step."""
+    return f"step{step:06d}-e{epoch}" + (f"-r{retry}" if retry else "")
 
 
 def _one_line(err: BaseException) -> str:
@@ -65,6 +65,7 @@ class RecordingWriter(FileSystemWriter):
         self.written: list[str] = []
 
     def write_data(self, plan, planner):  # noqa: ANN001, ANN201 - DCP's signature
+        """Write this rank's items (as DCP does) and note the files written."""
         future = super().write_data(plan, planner)
         for result in future.wait():  # the file-system writer completes synchronously
             name = result.storage_data.relative_path
@@ -73,6 +74,7 @@ class RecordingWriter(FileSystemWriter):
         return future
 
     def finish(self, metadata, results) -> None:  # noqa: ANN001 - DCP's signature
+        """The coordinator writes ``.metadata`` last; it is one of rank 0's shards."""
         super().finish(metadata, results)
         self.written.append(DCP_METADATA_FILE)
 
@@ -116,6 +118,7 @@ class Candidate:
 
     @classmethod
     def of(cls, ckpt: CheckpointState) -> "Candidate":
+        """The candidate for a checkpoint of the projection."""
         return cls(
             checkpoint_id=ckpt.checkpoint_id, step=ckpt.step, epoch=ckpt.epoch, world_size=ckpt.world_size,
             stack=ckpt.stack, topology=dict(ckpt.topology),
@@ -155,12 +158,15 @@ class Checkpointer:
         self.stack = stack
         self.topology = topology
         self.retention = retention
+        self._tries: dict[int, int] = {}  # step -> checkpoints begun at it (an aborted one may be retried)
 
     # -- save ----------------------------------------------------------------------------------
 
     def save(self, state: dict[str, Any], *, step: int, epoch: int) -> SaveOutcome:
         """Write ``state`` on every rank and commit it through rank 0 (collective)."""
-        checkpoint_id = checkpoint_id_for(step, epoch)
+        retry = self._tries.get(step, 0)
+        self._tries[step] = retry + 1
+        checkpoint_id = checkpoint_id_for(step, epoch, retry)
         fenced_by = None
         if self.journal is not None and not self.journal.begin_checkpoint(
                 checkpoint_id, step, self.ctx.world_size, self.stack, self.topology):

@@ -61,6 +61,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + attn(norm(x))``, then ``+ mlp(norm(.))``."""
         batch, length, dim = x.shape
         h = self.attn_norm(x)
 
@@ -84,6 +85,7 @@ class TinyLM(nn.Module):
         self.head = nn.Linear(spec.dim, spec.vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits for every position."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.tok_emb(tokens) + self.pos_emb(positions)
         for block in self.blocks:

@@ -78,6 +78,7 @@ class RunJournal:
 
     @property
     def epoch(self) -> int:
+        """This attempt's fencing epoch."""
         if self.attempt is None:
             raise RuntimeError("no attempt has begun")
         return self.attempt.epoch

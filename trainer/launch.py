@@ -166,11 +166,13 @@ class SignalForwarder:
         self._thread: threading.Thread | None = None
 
     def install(self) -> "SignalForwarder":
+        """Catch SIGTERM/SIGUSR1 in the launcher (main thread)."""
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def uninstall(self) -> None:
+        """Stop forwarding and restore the previous handlers."""
         self._stop.set()
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)

@@ -75,7 +75,11 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 
 
 class Trainer:
-    """One attempt of a run: set up in the constructor, trained by :meth:`fit`."""
+    """One attempt of a run: set up in the constructor, trained by :meth:`fit`.
+
+    ``preemption`` is a watch the caller installed earlier (so that a signal arriving
+    during setup is not lost); by default the trainer installs its own.
+    """
 
     def __init__(self, config: TrainerConfig, *, model_fn: Callable[[], nn.Module],
                  data_fn: Callable[[int, int, int, torch.device], Any],

@@ -15,6 +15,7 @@ class DDPStack(Stack):
     name = "ddp"
 
     def parallelize(self, model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        """Wrap in DDP over the ``dp`` group (parameters are broadcast from rank 0)."""
         device = next(model.parameters()).device
         device_ids = [device.index] if device.type == "cuda" else None
         # DCP's get_state_dict strips the ``module.`` prefix, so checkpoints and exports

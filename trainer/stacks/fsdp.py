@@ -26,6 +26,7 @@ class FSDPStack(Stack):
     name = "fsdp"
 
     def parallelize(self, model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        """Shard each block, then the root, over the ``dp`` mesh (in place; returns the model)."""
         dp_mesh = mesh["dp"]
         for unit in shard_units(model):
             fully_shard(unit, mesh=dp_mesh)
