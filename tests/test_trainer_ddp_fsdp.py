@@ -69,8 +69,9 @@ def test_a_rank_failing_to_write_aborts_the_checkpoint_and_training_goes_on(tmp_
     view = view_of(run_dir)
     first = view.checkpoints["step000010-e1"]
     assert first.status == "aborted" and "rank 1" in first.abort_reason
-    assert [e.tag for e in events_of(run_dir) if getattr(e.event, "checkpoint_id", None) == "step000010-e1"] == [
-        "checkpoint.started", "checkpoint.aborted"]  # no shard recorded, never committed
+    # No shard recorded, never committed (the eval metric of step 10 may name it while it is in flight).
+    assert [e.tag for e in events_of(run_dir) if getattr(e.event, "checkpoint_id", None) == "step000010-e1"
+            and e.tag != "metric.recorded"] == ["checkpoint.started", "checkpoint.aborted"]
     # The final step is always committed: its aborted checkpoint is retried under a new id.
     assert view.checkpoints["step000030-e1"].status == "aborted"
     assert view.checkpoints["step000030-e1-r1"].status == "committed"

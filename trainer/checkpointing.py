@@ -14,6 +14,12 @@ Save, as a transaction (every step collective):
 A rank that dies mid-save breaks the collective: rank 0 records the abort and the
 attempt fails; the next attempt resumes from the last committed checkpoint.
 
+Asynchronous saves run step 1 and a snapshot of the state into reused host buffers
+(:mod:`trainer.staging`) on the training thread, and steps 2-4 on a background thread
+whose collectives use a process group of their own, so they never interleave with the
+training loop's. One checkpoint at most is in flight; a failure in the background
+still ends in ``checkpoint.aborted`` and is raised on the training thread.
+
 Load: shard hashes are verified first (each rank checks a slice, everyone sees every
 finding), then DCP reads the verified files back into the live (possibly sharded)
 state.
@@ -21,6 +27,9 @@ state.
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +39,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ledger import CorruptBlobError, IncompleteCheckpointError, LocalBlobStore, RetentionPolicy
+from ledger import CorruptBlobError, IncompleteCheckpointError, LedgerError, LocalBlobStore, RetentionPolicy
 from ledger.blobs import fsync_dir
 from ledger.faults import crash_point
 from ledger.projection import CheckpointState
 from trainer.journal import RunJournal, ShardFact
-from trainer.process_group import DistContext, broadcast_object, gather_objects
+from trainer.process_group import DistContext, broadcast_object, gather_objects, new_side_group
+from trainer.staging import StagingArea
 
 #: The file DCP's coordinator writes last, describing where every item lives.
 DCP_METADATA_FILE = ".metadata"
@@ -97,6 +107,8 @@ class SaveOutcome:
     committed: bool
     reason: str | None = None
     fenced_by: int | None = None
+    durable_s: float | None = None
+    """Seconds from the start of the save to ``checkpoint.committed`` appended (rank 0's clock)."""
 
     @property
     def fenced(self) -> bool:
@@ -147,11 +159,55 @@ class BadShard:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class CheckpointTiming:
+    """What one checkpoint cost this rank, for benchmarks and progress lines."""
+
+    checkpoint_id: str
+    step: int
+    stall_s: float
+    """Time the training thread spent in the checkpoint call (for an async save: waiting for
+    the previous one, the snapshot into staging buffers and ``checkpoint.started``)."""
+    durable_s: float | None
+    """From the start of the call to ``checkpoint.committed`` appended (``None``: not committed)."""
+    bytes: int
+    """Bytes this rank wrote."""
+    committed: bool
+    synchronous: bool
+
+
+class _InFlight:
+    """The one asynchronous checkpoint being written: its thread and, once done, its result."""
+
+    def __init__(self, checkpoint_id: str, step: int, started: float, stall_s: float) -> None:
+        self.checkpoint_id = checkpoint_id
+        self.step = step
+        self.started = started
+        self.stall_s = stall_s
+        self.outcome: SaveOutcome | None = None
+        self.error: BaseException | None = None
+        self.bytes = 0
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+
+class BackgroundCheckpointError(RuntimeError):
+    """The background writer failed in a way that leaves this attempt unable to go on (e.g. a lost rank)."""
+
+
 class Checkpointer:
-    """Saves and loads DCP checkpoints through the ledger's two-phase protocol."""
+    """Saves and loads DCP checkpoints through the ledger's two-phase protocol.
+
+    :meth:`save` is synchronous. :meth:`save_async` holds the training thread only for
+    a snapshot into reused staging buffers and ``checkpoint.started``; writing, hashing,
+    fsync, the reports to rank 0 and the commit run on a background thread, on a
+    process group of their own. At most one checkpoint is in flight: starting another
+    (or a synchronous one) first waits for it. Outcomes of background saves are picked
+    up with :meth:`poll` / :meth:`wait`.
+    """
 
     def __init__(self, ctx: DistContext, run_dir: str, journal: RunJournal | None, *, stack: str,
-                 topology: dict[str, int], retention: RetentionPolicy) -> None:
+                 topology: dict[str, int], retention: RetentionPolicy, background: bool = False) -> None:
         self.ctx = ctx
         self.blobs = LocalBlobStore(run_dir)
         self.journal = journal
@@ -159,11 +215,107 @@ class Checkpointer:
         self.topology = topology
         self.retention = retention
         self._tries: dict[int, int] = {}  # step -> checkpoints begun at it (an aborted one may be retried)
+        self.timings: list[CheckpointTiming] = []
+        # Collective: every rank builds the checkpointer at the same point of setup.
+        self._side_group = new_side_group() if background else None
+        self._staging = StagingArea()
+        self._in_flight: _InFlight | None = None
+
+    @property
+    def staging(self) -> StagingArea:
+        """The reused host buffers of asynchronous saves."""
+        return self._staging
 
     # -- save ----------------------------------------------------------------------------------
 
     def save(self, state: dict[str, Any], *, step: int, epoch: int) -> SaveOutcome:
-        """Write ``state`` on every rank and commit it through rank 0 (collective)."""
+        """Write ``state`` on every rank and commit it through rank 0 (collective, blocking).
+
+        A background save still in flight is finished first; its outcome is returned by the
+        next :meth:`wait` / :meth:`poll` as usual.
+        """
+        started = time.perf_counter()
+        self._join_in_flight()
+        checkpoint_id, fenced = self._begin(step, epoch)
+        if fenced is not None:
+            return fenced
+        outcome, written = self._complete(state, checkpoint_id, step, epoch, started, group=None)
+        elapsed = time.perf_counter() - started
+        self.timings.append(CheckpointTiming(checkpoint_id, step, elapsed, outcome.durable_s, written,
+                                             outcome.committed, synchronous=True))
+        return outcome
+
+    def save_async(self, state: dict[str, Any], *, step: int, epoch: int) -> SaveOutcome | None:
+        """Snapshot ``state`` and write it in the background (collective on the training thread).
+
+        Returns ``None`` when the checkpoint is under way, or the outcome right away when it
+        could not start (fenced). The caller must first collect any previous outcome with
+        :meth:`wait` (at most one checkpoint is in flight; its staging buffers are reused).
+        """
+        if self._side_group is None:
+            raise RuntimeError("this Checkpointer was built without a background writer")
+        if self._in_flight is not None:
+            raise RuntimeError("a checkpoint is still in flight: collect it with wait() first")
+        started = time.perf_counter()
+        snapshot = self._staging.stage(state)
+        checkpoint_id, fenced = self._begin(step, epoch)
+        if fenced is not None:
+            return fenced
+        flight = _InFlight(checkpoint_id, step, started, stall_s=0.0)
+
+        def run() -> None:
+            try:
+                flight.outcome, flight.bytes = self._complete(snapshot, checkpoint_id, step, epoch, started,
+                                                              group=self._side_group)
+            except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()/poll()
+                flight.error = err
+            finally:
+                flight.done.set()
+
+        flight.thread = threading.Thread(target=run, name=f"ckpt-writer-{checkpoint_id}", daemon=True)
+        flight.thread.start()
+        flight.stall_s = time.perf_counter() - started
+        self._in_flight = flight
+        return None
+
+    @property
+    def in_flight(self) -> str | None:
+        """The id of the checkpoint being written in the background, if any."""
+        return None if self._in_flight is None else self._in_flight.checkpoint_id
+
+    def poll(self) -> SaveOutcome | None:
+        """The outcome of the background save if it has finished (non-blocking); else ``None``."""
+        if self._in_flight is None or not self._in_flight.done.is_set():
+            return None
+        return self.wait()
+
+    def wait(self, timeout_s: float | None = None) -> SaveOutcome | None:
+        """Block until the background save ends; its outcome (``None`` if none was in flight).
+
+        Raises :class:`BackgroundCheckpointError` if the writer failed beyond a recorded abort.
+        """
+        flight = self._in_flight
+        if flight is None:
+            return None
+        if not flight.done.wait(timeout_s):
+            raise BackgroundCheckpointError(
+                f"checkpoint {flight.checkpoint_id} is still being written after {timeout_s:.0f} s")
+        self._in_flight = None
+        durable = flight.outcome.durable_s if flight.outcome is not None else None
+        committed = flight.outcome is not None and flight.outcome.committed
+        self.timings.append(CheckpointTiming(flight.checkpoint_id, flight.step, flight.stall_s, durable,
+                                             flight.bytes, committed, synchronous=False))
+        if flight.error is not None:
+            raise BackgroundCheckpointError(
+                f"background checkpoint {flight.checkpoint_id} failed: {_one_line(flight.error)}") from flight.error
+        return flight.outcome
+
+    def _join_in_flight(self) -> None:
+        if self._in_flight is not None:
+            raise RuntimeError("a checkpoint is still in flight: collect it with wait() first")
+
+    def _begin(self, step: int, epoch: int) -> tuple[str, SaveOutcome | None]:
+        """Phase 1 on the training thread: rank 0 appends ``checkpoint.started``; all learn if fenced."""
         retry = self._tries.get(step, 0)
         self._tries[step] = retry + 1
         checkpoint_id = checkpoint_id_for(step, epoch, retry)
@@ -173,27 +325,55 @@ class Checkpointer:
             fenced_by = self.journal.fenced_by
         fenced_by = broadcast_object(fenced_by)
         if fenced_by is not None:  # a newer attempt owns the run: nobody writes
-            return SaveOutcome(checkpoint_id, step, committed=False, reason="fenced", fenced_by=fenced_by)
+            return checkpoint_id, SaveOutcome(checkpoint_id, step, committed=False, reason="fenced",
+                                              fenced_by=fenced_by)
+        return checkpoint_id, None
 
-        report = self._write_and_hash(state, self.blobs.checkpoint_dir(checkpoint_id, epoch))
+    def _complete(self, state: dict[str, Any], checkpoint_id: str, step: int, epoch: int, started: float,
+                  group: dist.ProcessGroup | None) -> tuple[SaveOutcome, int]:
+        """Phase 2 (any thread; collective on ``group``): write, hash, report, decide; ``(outcome, bytes)``.
+
+        If anything raises before rank 0 has recorded how the checkpoint ended, rank 0 records
+        ``checkpoint.aborted`` with the error before it propagates: a started checkpoint always ends.
+        """
+        decided = False
+        doing = "writing its shards"
         try:
-            reports = gather_objects(report)
-        except RuntimeError as err:  # a peer died mid-checkpoint: the process group is broken
-            if self.journal is not None:
-                self.journal.abort_checkpoint(checkpoint_id, f"lost a rank while collecting shard reports: {err}")
+            report = self._write_and_hash(state, self.blobs.checkpoint_dir(checkpoint_id, epoch), group)
+            written = sum(s.bytes for s in report.shards)
+            doing = "collecting shard reports"
+            reports = gather_objects(report, group=group)
+            outcome = None
+            if self.journal is not None and reports is not None:
+                doing = "committing"
+                outcome = self._decide(self.journal, checkpoint_id, step, reports, started)
+            decided = True
+            if outcome is not None and outcome.committed and self.journal is not None:
+                crash_point("trainer.after_commit")
+                self.journal.apply_retention(self.retention)
+            return broadcast_object(outcome, group=group), written
+        except BaseException as err:
+            if self.journal is not None and not decided:
+                reason = (f"lost a rank while {doing}: {err}" if isinstance(err, RuntimeError)
+                          else f"failed while {doing}: {_one_line(err)}")
+                self._abort_quietly(self.journal, checkpoint_id, reason)
             raise
-        outcome = None
-        if self.journal is not None and reports is not None:
-            outcome = self._decide(self.journal, checkpoint_id, step, reports)
-        return broadcast_object(outcome)
 
-    def _write_and_hash(self, state: dict[str, Any], location: str) -> RankReport:
+    @staticmethod
+    def _abort_quietly(journal: RunJournal, checkpoint_id: str, reason: str) -> None:
+        """Record an abort on the way out of a failure; the original error matters more than this record."""
+        try:
+            journal.abort_checkpoint(checkpoint_id, reason)
+        except LedgerError as err:
+            print(f"[ckpt-ledger] could not record the abort of {checkpoint_id}: {err}", file=sys.stderr, flush=True)
+
+    def _write_and_hash(self, state: dict[str, Any], location: str, group: dist.ProcessGroup | None) -> RankReport:
         rank = self.ctx.rank
         directory = self.blobs.path(location)
         writer = RecordingWriter(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            dcp.save(state, storage_writer=writer)
+            dcp.save(state, storage_writer=writer, process_group=group)
             fsync_dir(directory)
             shards = []
             for name in writer.written:
@@ -208,7 +388,8 @@ class Checkpointer:
         crash_point(f"trainer.rank{rank}.after_shard_write")
         return RankReport(rank, tuple(shards))
 
-    def _decide(self, journal: RunJournal, checkpoint_id: str, step: int, reports: list[RankReport]) -> SaveOutcome:
+    def _decide(self, journal: RunJournal, checkpoint_id: str, step: int, reports: list[RankReport],
+                started: float) -> SaveOutcome:
         """Rank 0: commit when every rank wrote its files, abort with every failing rank's reason otherwise."""
         by_error: dict[str, list[int]] = {}
         for report in reports:
@@ -226,9 +407,8 @@ class Checkpointer:
             return SaveOutcome(checkpoint_id, step, committed=False, reason=str(err))
         if not committed:
             return SaveOutcome(checkpoint_id, step, committed=False, reason="fenced", fenced_by=journal.fenced_by)
-        crash_point("trainer.after_commit")
-        journal.apply_retention(self.retention)
-        return SaveOutcome(checkpoint_id, step, committed=True, fenced_by=journal.fenced_by)
+        durable_s = time.perf_counter() - started
+        return SaveOutcome(checkpoint_id, step, committed=True, fenced_by=journal.fenced_by, durable_s=durable_s)
 
     # -- verify and load -------------------------------------------------------------------------
 

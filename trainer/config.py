@@ -7,7 +7,7 @@ from typing import Any
 
 #: Config fields that say *how* this process runs, not *what* experiment it is. They are
 #: left out of the canonical config (and so of the config hash) recorded in ``run.started``.
-OPERATIONAL_FIELDS = frozenset({"run_dir", "resume", "print_every", "dist_timeout_s"})
+OPERATIONAL_FIELDS = frozenset({"run_dir", "resume", "print_every", "dist_timeout_s", "async_checkpoint"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -46,6 +46,11 @@ class TrainerConfig:
 
     print_every: int = 50
     """Rank 0 prints step, loss and steps/s every this many steps; 0 disables."""
+
+    async_checkpoint: bool = True
+    """Write periodic checkpoints in the background: the training thread only copies the state
+    into reused host buffers and goes on; the final and the preemption checkpoints are always
+    synchronous. ``False``: every checkpoint blocks training until it is committed."""
 
     keep_last: int | None = None
     """Retention: keep the K highest-step committed checkpoints (``None``: no such rule)."""
@@ -107,6 +112,8 @@ class TrainerConfig:
                 _require_int(name, getattr(self, name), minimum=0)
         if self.keep_every is not None:
             _require_int("keep_every", self.keep_every, minimum=1)
+        if not isinstance(self.async_checkpoint, bool):
+            raise ValueError(f"async_checkpoint must be True or False, got {self.async_checkpoint!r}")
         if self.best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if not self.best_metric:

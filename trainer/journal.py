@@ -5,12 +5,18 @@ Facts are born on every rank but recorded by one writer: the journal owns the
 into batched appends, and turns the first ``FencedError`` into a remembered state the
 training loop acts on at the next step boundary (a fenced writer must stop, and must
 not try to record anything else).
+
+The journal is shared by the training thread (steps, metrics, the attempt) and the
+background checkpoint writer (shard records, commit, retention): one re-entrant lock
+serialises every use of the ledger handle, so each append is one whole transaction
+and the step buffer is never flushed twice.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -53,6 +59,7 @@ class RunJournal:
         self.attempt: Attempt | None = None
         self.fenced_by: int | None = None
         self._steps: list[StepCompleted] = []
+        self._lock = threading.RLock()
 
     # -- the run and the attempt -----------------------------------------------------------
 
@@ -64,7 +71,8 @@ class RunJournal:
 
     def projection(self) -> View:
         """The run as the ledger sees it now."""
-        return self.ledger.projection()
+        with self._lock:
+            return self.ledger.projection()
 
     def begin_attempt(self, *, world_size: int, stack: str, topology: dict[str, int], resumed_from: str | None,
                       slurm: dict[str, Any] | None, previous_topology: dict[str, Any] | None) -> int:
@@ -103,14 +111,16 @@ class RunJournal:
 
     def step_completed(self, step: int, metrics: dict[str, float]) -> None:
         """Buffer one ``step.completed`` (appended by :meth:`flush_steps`)."""
-        self._steps.append(StepCompleted(step=step, metrics=metrics))
+        with self._lock:
+            self._steps.append(StepCompleted(step=step, metrics=metrics))
 
     def flush_steps(self) -> None:
         """Append the buffered steps in one transaction."""
-        if not self._steps or self.fenced_by is not None:
-            return
-        batch, self._steps = self._steps, []
-        self._guard(lambda: self.ledger.append_many(batch, epoch=self.epoch))
+        with self._lock:
+            if not self._steps or self.fenced_by is not None:
+                return
+            batch, self._steps = self._steps, []
+            self._guard(lambda: self.ledger.append_many(batch, epoch=self.epoch))
 
     def metric(self, name: str, value: float, step: int, checkpoint_id: str | None) -> None:
         """Record a metric (e.g. ``eval_loss``), tied to a checkpoint when one was taken at ``step``."""
@@ -153,16 +163,18 @@ class RunJournal:
 
     def close(self) -> None:
         """Release the ledger."""
-        self.ledger.close()
+        with self._lock:
+            self.ledger.close()
 
     # -- fencing -------------------------------------------------------------------------------
 
     def _guard(self, append):  # noqa: ANN001, ANN202 - a thunk returning whatever the append returns
         """Run an append; on ``FencedError`` remember who fenced us and return ``None``."""
-        if self.fenced_by is not None:
-            return None
-        try:
-            return append()
-        except FencedError as err:
-            self.fenced_by = err.fenced_by
-            return None
+        with self._lock:
+            if self.fenced_by is not None:
+                return None
+            try:
+                return append()
+            except FencedError as err:
+                self.fenced_by = err.fenced_by
+                return None

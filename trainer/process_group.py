@@ -134,17 +134,28 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
+def new_side_group() -> dist.ProcessGroup:
+    """A second gloo group over every rank, for collectives issued off the training thread.
+
+    Collectives on one group must be issued in the same order on every rank; a background
+    checkpoint writer interleaving its own with the training loop's (DDP's all-reduce,
+    FSDP's all-gather) on the default group could not guarantee that. Its own group
+    keeps the two streams of collectives independent. Collective (every rank calls it).
+    """
+    return dist.new_group(backend="gloo")
+
+
+def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (of ``group``; default: the default group)."""
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
-def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
+def gather_objects(obj: Any, dst: int = 0, group: dist.ProcessGroup | None = None) -> list[Any] | None:
     """Every rank's ``obj`` (in rank order) on ``dst``; ``None`` elsewhere."""
-    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    dist.gather_object(obj, out, dst=dst)
+    out: list[Any] | None = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)
     return out
 
 

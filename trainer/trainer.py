@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ledger import LedgerError, RetentionPolicy
 from ledger.faults import crash_point
-from trainer.checkpointing import Candidate, Checkpointer, SaveOutcome
+from trainer.checkpointing import BackgroundCheckpointError, Candidate, Checkpointer, SaveOutcome
 from trainer.config import TrainerConfig
 from trainer.errors import EXIT_PREEMPTED, EXIT_PROBLEM, BadInputError, StartRefusedError
 from trainer.identity import code_id, config_hash
@@ -162,7 +162,10 @@ class Trainer:
         self.checkpointer = Checkpointer(
             ctx, cfg.run_dir, self.journal, stack=cfg.stack, topology=self.topology.as_dict(),
             retention=RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every, keep_best=cfg.keep_best),
+            background=cfg.async_checkpoint,
         )
+        self.checkpoint_timings = self.checkpointer.timings
+        self._background_error: BackgroundCheckpointError | None = None
 
         # 8. Choose the source (explicit resume > automatic resume > pretrained > fresh), verifying
         #    shard hashes; begin the attempt (fencing older ones); then load.
@@ -243,6 +246,7 @@ class Trainer:
         try:
             outcome = self._fit()
         except BaseException:
+            self._drain_background()
             if self.journal is not None:
                 try:
                     self.journal.end_attempt("failed", self.step)
@@ -277,11 +281,17 @@ class Trainer:
                 mean = all_reduce_mean(loss)
                 self._say(f"step {self.step}/{cfg.steps}  loss {mean:.4f}  {rate:.1f} steps/s")
 
-            saved = None
+            self._collect_background(block=False)
+            checkpoint_id = None  # the checkpoint taken at this step, committed or under way
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                saved = self._checkpoint()
+                # The final checkpoint is synchronous: the attempt ends only once it is durable.
+                saved = self._checkpoint(synchronous=self.step == cfg.steps or not cfg.async_checkpoint)
+                if saved is None:
+                    checkpoint_id = self.checkpointer.in_flight
+                elif saved.committed:
+                    checkpoint_id = saved.checkpoint_id
             if cfg.eval_every and self.step % cfg.eval_every == 0:
-                self._evaluate(saved.checkpoint_id if saved is not None and saved.committed else None)
+                self._evaluate(checkpoint_id)
 
             stop, detail = self._agree_to_stop()
             if stop == StopReason.FENCED:
@@ -290,17 +300,59 @@ class Trainer:
                 return self._preempted(detail)
         return self._finish("completed", 0)
 
-    def _checkpoint(self) -> SaveOutcome:
+    def _checkpoint(self, *, synchronous: bool = True) -> SaveOutcome | None:
+        """Checkpoint the current step; ``None`` when it is being written in the background.
+
+        A checkpoint still in flight is finished (and its outcome taken) first: at most one
+        is in flight, and its staging buffers are about to be reused.
+        """
+        self._collect_background(block=True)
         model_state, optim_state = self.stack.state_dicts(self.model, self.optimizer)
         state = pack(model_state=model_state, optim_state=optim_state, step=self.step,
                      scheduler_state=self.scheduler.state_dict(), rank=self.ctx.rank, data_state=self.data.state_dict())
-        outcome = self.checkpointer.save(state, step=self.step, epoch=self.epoch)
-        if outcome.committed:
-            self._saved_step = self.step
-            self._say(f"checkpoint {outcome.checkpoint_id} committed at step {self.step}")
-        elif not outcome.fenced:
-            self._say(f"checkpoint {outcome.checkpoint_id} aborted: {outcome.reason}")
+        if synchronous:
+            outcome = self.checkpointer.save(state, step=self.step, epoch=self.epoch)
+        else:
+            outcome = self.checkpointer.save_async(state, step=self.step, epoch=self.epoch)
+        if outcome is not None:
+            self._take(outcome)
         return outcome
+
+    def _take(self, outcome: SaveOutcome) -> None:
+        """Learn how a checkpoint ended (rank 0 says so)."""
+        if outcome.committed:
+            self._saved_step = outcome.step
+            self._say(f"checkpoint {outcome.checkpoint_id} committed at step {outcome.step}")
+        elif not outcome.fenced:
+            self._say(f"checkpoint {outcome.checkpoint_id} aborted: {outcome.reason}", error=True)
+
+    def _collect_background(self, *, block: bool) -> None:
+        """Take a background save's outcome if it ended (``block``: wait for it).
+
+        A writer failure found at a step boundary is kept for the stop vote, so every rank
+        stops at the same step; when blocking (before another save, at the end) it is raised.
+        """
+        if self._background_error is not None:
+            raise self._background_error
+        try:
+            outcome = self.checkpointer.wait() if block else self.checkpointer.poll()
+        except BackgroundCheckpointError as err:
+            self._background_error = err
+            if block:
+                raise
+            return
+        if outcome is not None:
+            self._take(outcome)
+
+    def _drain_background(self) -> None:
+        """After a failure: give the background writer a bounded time to record its end."""
+        checkpointer = getattr(self, "checkpointer", None)
+        if checkpointer is None or checkpointer.in_flight is None:
+            return
+        try:
+            checkpointer.wait(timeout_s=min(30.0, self.config.dist_timeout_s))
+        except BackgroundCheckpointError as err:
+            print(f"[ckpt-ledger] {err}", file=sys.stderr, flush=True)
 
     def _evaluate(self, checkpoint_id: str | None) -> None:
         batches = getattr(self.data, "eval_batches", None)
@@ -318,13 +370,20 @@ class Trainer:
         received = self.preemption.received
         signum = int(signal.Signals[received]) if received is not None else 0
         fenced_by = self.journal.fenced_by if self.journal is not None and self.journal.fenced_by else 0
-        signum, fenced_by = all_reduce_max([signum, fenced_by], self.ctx.device)
+        failed = int(self._background_error is not None)
+        signum, fenced_by, failed = all_reduce_max([signum, fenced_by, failed], self.ctx.device)
+        if failed:  # every rank stops at this boundary, the one whose writer failed says why
+            raise self._background_error or BackgroundCheckpointError(
+                "a peer's background checkpoint writer failed (its error is in that rank's output)")
         if fenced_by:
             return StopReason.FENCED, fenced_by
         return (StopReason.PREEMPTED if signum else StopReason.NONE), signum
 
     def _preempted(self, signum: int) -> RunOutcome:
         name = signal.Signals(signum).name
+        self._collect_background(block=True)
+        if self.journal is not None and self.journal.fenced_by is not None:
+            return self._fenced(self.journal.fenced_by)
         if self._saved_step != self.step:
             saved = self._checkpoint()
             if saved.fenced:
@@ -344,6 +403,7 @@ class Trainer:
         return RunOutcome("fenced", self.step, EXIT_PROBLEM, message)
 
     def _finish(self, status: str, exit_code: int) -> RunOutcome:
+        self._collect_background(block=True)
         if self._saved_step != self.step and self.step > 0:
             saved = self._checkpoint()
             if saved.fenced:
@@ -356,9 +416,10 @@ class Trainer:
 
     # -- odds and ends ----------------------------------------------------------------------------
 
-    def _say(self, message: str) -> None:
+    def _say(self, message: str, *, error: bool = False) -> None:
         if self.ctx.is_coordinator:
-            print(f"[ckpt-ledger] {message}", file=sys.stdout, flush=True)
+            print(f"[ckpt-ledger] {'error: ' if error else ''}{message}", file=sys.stderr if error else sys.stdout,
+                  flush=True)
 
     def close(self, *, failed: bool = False) -> None:
         """Stop catching signals, release the ledger and leave the process group (if we joined it).
@@ -368,6 +429,7 @@ class Trainer:
         """
         if self._owns_watch:
             self.preemption.uninstall()
+        self._drain_background()  # the writer uses the journal: it must be done before the journal closes
         if self.journal is not None:
             self.journal.close()
             self.journal = None
