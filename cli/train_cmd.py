@@ -38,13 +38,15 @@ STACK_CHOICES = ("ddp", "fsdp", "tppp")
 @click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), default=0, show_default=True, help="Random seed.")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
               help="Restart all workers up to N times after a worker dies (each restart resumes).")
+@click.option("--codec", type=click.Choice(("none", "zstd", "zstd-bg")), default="none", show_default=True,
+              help="How checkpoint files store tensors: plain, zstd, or byte-grouped zstd (smaller floats).")
 @click.option("--sync-checkpoint", "sync_checkpoint", is_flag=True, default=False,
               help="Block training for every checkpoint (default: periodic ones are written in the background).")
 def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_schedule: str,
                   pp_microbatches: int | None, steps: int, ckpt_every: int,
                   eval_every: int, keep_last: int | None, keep_every: int | None, keep_best: int | None,
                   resume: str | None, pretrained: str | None, seed: int, max_restarts: int,
-                  sync_checkpoint: bool) -> None:
+                  codec: str, sync_checkpoint: bool) -> None:
     """Train the embedded default job (a tiny transformer LM on generated text).
 
     Exits 0 when the run reaches --steps, 75 when preempted (SIGTERM/SIGUSR1) after
@@ -84,7 +86,7 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
             run_dir=run_dir, stack=stack, tp=tp, pp=pp, pp_schedule=pp_schedule, pp_microbatches=pp_microbatches,
             steps=steps, ckpt_every=ckpt_every, eval_every=eval_every,
             keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, resume=resume, pretrained=pretrained,
-            seed=seed, async_checkpoint=not sync_checkpoint, job=JobSpec().as_dict(),
+            seed=seed, async_checkpoint=not sync_checkpoint, checkpoint_codec=codec, job=JobSpec().as_dict(),
         )
     except ValueError as err:
         raise CliError(str(err), EXIT_USAGE) from None

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ledger import decisions
+from ledger.blobs import hash_algo_of
 from ledger.gc import may_be_in_progress, stray_files
 from ledger.projection import PROJECTION_VERSION, CheckpointState, State, encode_state
 from ledger.store import trailing_garbage
@@ -331,7 +332,15 @@ def _verify_hashes(led: "Ledger", state: State, shards: list[tuple[CheckpointSta
     for ckpt, shard in shards:
         size = led.blobs.size(shard.location)
         if size == shard.bytes:  # missing or resized files were reported already
-            digest, _ = led.blobs.hash_file(shard.location)
+            try:
+                algo = hash_algo_of(shard.hash)
+            except ValueError as err:
+                found.append(Finding("hash_mismatch", PROBLEM, shard.location,
+                                     f"committed checkpoint {ckpt.checkpoint_id}: {err}",
+                                     "the recorded hash cannot be checked; treat the checkpoint as unverified",
+                                     seq=ckpt.committed_seq))
+                continue
+            digest, _ = led.blobs.hash_file(shard.location, algo)
             if digest != shard.hash:
                 found.append(Finding("hash_mismatch", PROBLEM, shard.location,
                                      f"committed checkpoint {ckpt.checkpoint_id}: content hash {digest} does not match "

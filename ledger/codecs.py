@@ -81,12 +81,16 @@ def choose_itemsize(data: bytes | bytearray | memoryview, level: int = 1) -> int
         stride = (len(view) - _PROBE_SLICE) // (_PROBE_SLICES - 1) // 4 * 4
         sample = b"".join(view[i * stride : i * stride + _PROBE_SLICE] for i in range(_PROBE_SLICES))
     compressor = zstandard.ZstdCompressor(level=level)
-    sizes = {k: len(compressor.compress(_group(sample, k))) for k in _PROBE_ITEMSIZES}
+    sizes = {k: len(compressor.compress(group_bytes(sample, k))) for k in _PROBE_ITEMSIZES}
     return min(_PROBE_ITEMSIZES, key=lambda k: (sizes[k], k))  # ties: the smaller grouping is cheaper
 
 
-def _group(data: bytes | memoryview, itemsize: int) -> bytes:
-    """Byte k of every element, for k = 0..itemsize-1, then the ungrouped tail."""
+def group_bytes(data: bytes | bytearray | memoryview, itemsize: int) -> bytes:
+    """Byte k of every ``itemsize``-byte element, for k = 0..itemsize-1, then the ungrouped tail.
+
+    The inverse is :func:`ungroup_bytes`; both depend only on the length and ``itemsize``,
+    so a stream can be grouped piece by piece (pieces a multiple of ``itemsize`` long).
+    """
     if itemsize == 1:
         return bytes(data)
     raw = np.frombuffer(data, dtype=np.uint8)
@@ -95,7 +99,8 @@ def _group(data: bytes | memoryview, itemsize: int) -> bytes:
     return grouped + raw[body:].tobytes()
 
 
-def _ungroup(data: bytes, itemsize: int) -> bytes:
+def ungroup_bytes(data: bytes | bytearray | memoryview, itemsize: int) -> bytes:
+    """The bytes :func:`group_bytes` was given, from its output and the same ``itemsize`` (1: ``data`` itself)."""
     if itemsize == 1:
         return data
     grouped = np.frombuffer(data, dtype=np.uint8)
@@ -117,7 +122,7 @@ def _encode_byte_grouped(data: bytes | bytearray | memoryview, level: int, items
     if not 1 <= itemsize <= _MAX_ITEMSIZE:
         raise ValueError(f"itemsize must be 1..{_MAX_ITEMSIZE} bytes, got {itemsize}")
     flat = view.cast("B") if view.ndim != 1 or view.format != "B" else view
-    frame = zstandard.ZstdCompressor(level=level).compress(_group(flat, itemsize))
+    frame = zstandard.ZstdCompressor(level=level).compress(group_bytes(flat, itemsize))
     return _HEADER.pack(_MAGIC, _VERSION, itemsize, 0, len(flat)) + frame
 
 
@@ -136,7 +141,7 @@ def _decode_byte_grouped(data: bytes | memoryview, location: str) -> bytes:
     grouped = zstandard.ZstdDecompressor().decompress(memoryview(data)[_HEADER.size :], max_output_size=length)
     if len(grouped) != length:
         raise _corrupt(location, f"decodes to {len(grouped)} bytes, its header says {length}")
-    return _ungroup(grouped, itemsize)
+    return ungroup_bytes(grouped, itemsize)
 
 
 def _corrupt(location: str, what: str) -> CorruptBlobError:

@@ -21,7 +21,7 @@ DATA = bytes(range(256)) * 64
 @pytest.mark.parametrize("codec", ["none", "zstd"])
 def test_round_trip_with_hash(store, codec):
     info = store.write("blobs/c1/e1/rank0.bin", DATA, codec=codec)
-    assert info.codec == codec and info.hash.startswith("blake2b:")
+    assert info.codec == codec and info.hash.startswith("xxh3-128:")
     assert info.bytes == store.size(info.location)
     assert store.read(info.location, expected_hash=info.hash, codec=codec) == DATA
     store.verify(info.location, info.hash, info.bytes)
@@ -136,3 +136,24 @@ def test_unknown_codec_is_refused(store):
 
 def test_corrupt_blob_error_is_a_ledger_error_and_an_ioerror():
     assert issubclass(CorruptBlobError, LedgerError) and issubclass(CorruptBlobError, OSError)
+
+
+def test_hashes_recorded_with_blake2b_by_earlier_versions_still_verify(store):
+    import hashlib
+
+    info = store.write("blobs/c1/e1/old.bin", DATA)
+    old = "blake2b:" + hashlib.blake2b(DATA, digest_size=32).hexdigest()
+    store.verify(info.location, old, len(DATA))
+    assert store.read(info.location, expected_hash=old) == DATA
+    wrong = "blake2b:" + hashlib.blake2b(DATA + b"x", digest_size=32).hexdigest()
+    with pytest.raises(CorruptBlobError, match="does not match"):
+        store.verify(info.location, wrong)
+
+
+def test_a_hash_naming_an_unknown_algorithm_never_vouches_for_a_blob(store):
+    info = store.write("blobs/c1/e1/r.bin", DATA)
+    for recorded in ("md5:00", "no-algorithm"):
+        with pytest.raises(CorruptBlobError, match="names no known algorithm"):
+            store.verify(info.location, recorded)
+        with pytest.raises(CorruptBlobError, match="names no known algorithm"):
+            store.read(info.location, expected_hash=recorded)

@@ -102,3 +102,13 @@ def test_blob_store_read_of_undecodable_blob_raises_corrupt(tmp_path):
     info = store.write("blobs/c1/e1/rank0.bin", b"raw bytes", codec="none")
     with pytest.raises(CorruptBlobError, match="rank0.bin"):
         store.read(info.location, codec="zstd-bg")
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_grouping_piece_by_piece_inverts_piece_by_piece(itemsize):
+    """What a streaming encoder relies on: pieces a multiple of ``itemsize`` long group and ungroup alone."""
+    data = _weights(torch.float32, 1001)[:-1] + b"\x01\x02\x03"  # a length no itemsize divides
+    piece = 64 * itemsize
+    grouped = [codecs.group_bytes(data[i : i + piece], itemsize) for i in range(0, len(data), piece)]
+    assert b"".join(codecs.ungroup_bytes(g, itemsize) for g in grouped) == data
+    assert codecs.group_bytes(data[:piece], itemsize)[: 64] == data[:piece : itemsize]  # byte 0 of each element first

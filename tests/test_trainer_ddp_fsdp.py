@@ -28,7 +28,7 @@ def test_two_process_run_commits_every_rank_shards(tmp_path_factory, stack):
         assert ckpt.ranks == [0, 1] and {s.rank for s in ckpt.shards} == {0, 1}
         assert sum(s.location.endswith("/.metadata") for s in ckpt.shards) == 1
         for shard in ckpt.shards:
-            assert shard.hash.startswith("blake2b:") and shard.codec == "none"
+            assert shard.hash.startswith("xxh3-128:") and shard.codec == "none"
             blobs.verify(shard.location, shard.hash, shard.bytes)
             assert shard.location.startswith(f"blobs/{ckpt.checkpoint_id}/e{attempt.epoch}/")
 

@@ -43,6 +43,7 @@ from ledger import CorruptBlobError, IncompleteCheckpointError, LedgerError, Loc
 from ledger.blobs import fsync_dir
 from ledger.faults import crash_point
 from ledger.projection import CheckpointState
+from trainer.dcp_codec import reader_registry, writer_extensions
 from trainer.journal import RunJournal, ShardFact
 from trainer.process_group import DistContext, broadcast_object, gather_objects, new_side_group
 from trainer.staging import StagingArea
@@ -70,8 +71,9 @@ def _one_line(err: BaseException) -> str:
 class RecordingWriter(FileSystemWriter):
     """DCP's file-system writer, remembering which files this rank wrote (so it can hash exactly those)."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, single_file_per_rank=True, sync_files=True, overwrite=True)
+    def __init__(self, path: Path, codec: str = "none") -> None:
+        super().__init__(path, single_file_per_rank=True, sync_files=True, overwrite=True,
+                         _extensions=writer_extensions(codec))
         self.written: list[str] = []
 
     def write_data(self, plan, planner):  # noqa: ANN001, ANN201 - DCP's signature
@@ -207,13 +209,15 @@ class Checkpointer:
     """
 
     def __init__(self, ctx: DistContext, run_dir: str, journal: RunJournal | None, *, stack: str,
-                 topology: dict[str, int], retention: RetentionPolicy, background: bool = False) -> None:
+                 topology: dict[str, int], retention: RetentionPolicy, background: bool = False,
+                 codec: str = "none") -> None:
         self.ctx = ctx
         self.blobs = LocalBlobStore(run_dir)
         self.journal = journal
         self.stack = stack
         self.topology = topology
         self.retention = retention
+        self.codec = codec
         self._tries: dict[int, int] = {}  # step -> checkpoints begun at it (an aborted one may be retried)
         self.timings: list[CheckpointTiming] = []
         # Collective: every rank builds the checkpointer at the same point of setup.
@@ -370,7 +374,7 @@ class Checkpointer:
     def _write_and_hash(self, state: dict[str, Any], location: str, group: dist.ProcessGroup | None) -> RankReport:
         rank = self.ctx.rank
         directory = self.blobs.path(location)
-        writer = RecordingWriter(directory)
+        writer = RecordingWriter(directory, self.codec)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             dcp.save(state, storage_writer=writer, process_group=group)
@@ -428,5 +432,6 @@ class Checkpointer:
 
     def load(self, candidate: Candidate, template: dict[str, Any]) -> None:
         """Read a verified checkpoint into ``template`` in place (collective)."""
-        reader = FileSystemReader(self.blobs.path(candidate.directory()))
+        # One registry reads every codec: each item's is recorded in the checkpoint's .metadata.
+        reader = FileSystemReader(self.blobs.path(candidate.directory()), _extension_registry=reader_registry())
         dcp.load(template, storage_reader=reader)

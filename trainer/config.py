@@ -7,7 +7,8 @@ from typing import Any
 
 #: Config fields that say *how* this process runs, not *what* experiment it is. They are
 #: left out of the canonical config (and so of the config hash) recorded in ``run.started``.
-OPERATIONAL_FIELDS = frozenset({"run_dir", "resume", "print_every", "dist_timeout_s", "async_checkpoint"})
+OPERATIONAL_FIELDS = frozenset({"run_dir", "resume", "print_every", "dist_timeout_s", "async_checkpoint",
+                                "checkpoint_codec"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -51,6 +52,10 @@ class TrainerConfig:
     """Write periodic checkpoints in the background: the training thread only copies the state
     into reused host buffers and goes on; the final and the preemption checkpoints are always
     synchronous. ``False``: every checkpoint blocks training until it is committed."""
+
+    checkpoint_codec: str = "none"
+    """How checkpoint files store each item: ``none``, ``zstd`` or ``zstd-bg`` (byte-grouped zstd,
+    smaller for float weights, slower to write). Any attempt reads checkpoints of every codec."""
 
     keep_last: int | None = None
     """Retention: keep the K highest-step committed checkpoints (``None``: no such rule)."""
@@ -114,6 +119,11 @@ class TrainerConfig:
             _require_int("keep_every", self.keep_every, minimum=1)
         if not isinstance(self.async_checkpoint, bool):
             raise ValueError(f"async_checkpoint must be True or False, got {self.async_checkpoint!r}")
+        from trainer.dcp_codec import CHECKPOINT_CODECS
+
+        if self.checkpoint_codec not in CHECKPOINT_CODECS:
+            raise ValueError(f"checkpoint_codec must be one of {', '.join(CHECKPOINT_CODECS)}, "
+                             f"got {self.checkpoint_codec!r}")
         if self.best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if not self.best_metric:

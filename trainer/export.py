@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+
+from trainer.dcp_codec import reader_registry
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ledger import CorruptBlobError, Ledger
@@ -44,7 +46,7 @@ class ExportResult:
 
 def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:
     """Every ``model.*`` tensor of a DCP checkpoint directory as one full tensor, keyed by plain name."""
-    reader = FileSystemReader(directory)
+    reader = FileSystemReader(directory, _extension_registry=reader_registry())
     metadata = reader.read_metadata()
     template = {
         fqn[len(_MODEL_PREFIX):]: torch.empty(md.size, dtype=md.properties.dtype)
@@ -57,7 +59,8 @@ def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         # no_dist=True is the point here; DCP warns that it found no process group.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, storage_reader=FileSystemReader(directory), no_dist=True)
+        dcp.load(state, storage_reader=FileSystemReader(directory, _extension_registry=reader_registry()),
+                 no_dist=True)
     return {plain_key(k): v for k, v in state["model"].items()}
 
 

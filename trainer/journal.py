@@ -14,8 +14,10 @@ and the step buffer is never flushed twice.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -110,9 +112,16 @@ class RunJournal:
     # -- steps and metrics -------------------------------------------------------------------
 
     def step_completed(self, step: int, metrics: dict[str, float]) -> None:
-        """Buffer one ``step.completed`` (appended by :meth:`flush_steps`)."""
+        """Buffer one ``step.completed`` (appended by :meth:`flush_steps`).
+
+        Non-finite values (a diverged loss) cannot be stored as JSON numbers; they are left
+        out of the event, with a warning, rather than failing the attempt that hit them.
+        """
+        finite = {name: value for name, value in metrics.items() if math.isfinite(value)}
+        if len(finite) != len(metrics):
+            self._warn_nonfinite(step, {n: v for n, v in metrics.items() if n not in finite})
         with self._lock:
-            self._steps.append(StepCompleted(step=step, metrics=metrics))
+            self._steps.append(StepCompleted(step=step, metrics=finite))
 
     def flush_steps(self) -> None:
         """Append the buffered steps in one transaction."""
@@ -123,7 +132,13 @@ class RunJournal:
             self._guard(lambda: self.ledger.append_many(batch, epoch=self.epoch))
 
     def metric(self, name: str, value: float, step: int, checkpoint_id: str | None) -> None:
-        """Record a metric (e.g. ``eval_loss``), tied to a checkpoint when one was taken at ``step``."""
+        """Record a metric (e.g. ``eval_loss``), tied to a checkpoint when one was taken at ``step``.
+
+        A non-finite value is not recorded (with a warning): it could never rank as ``best``.
+        """
+        if not math.isfinite(value):
+            self._warn_nonfinite(step, {name: value})
+            return
         self._guard(lambda: self.ledger.append(
             MetricRecorded(name=name, value=value, step=step, checkpoint_id=checkpoint_id), epoch=self.epoch))
 
@@ -165,6 +180,11 @@ class RunJournal:
         """Release the ledger."""
         with self._lock:
             self.ledger.close()
+
+    def _warn_nonfinite(self, step: int, dropped: dict[str, float]) -> None:
+        names = ", ".join(f"{name}={value}" for name, value in dropped.items())
+        print(f"[ckpt-ledger] warning: step {step}: {names} is not finite and is not recorded", file=sys.stderr,
+              flush=True)
 
     # -- fencing -------------------------------------------------------------------------------
 

@@ -162,7 +162,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             ctx, cfg.run_dir, self.journal, stack=cfg.stack, topology=self.topology.as_dict(),
             retention=RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every, keep_best=cfg.keep_best),
-            background=cfg.async_checkpoint,
+            background=cfg.async_checkpoint, codec=cfg.checkpoint_codec,
         )
         self.checkpoint_timings = self.checkpointer.timings
         self._background_error: BackgroundCheckpointError | None = None
