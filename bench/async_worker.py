@@ -199,7 +199,7 @@ def _trial(loop: TrainingLoop, worker: ThreadWorker | ProcessWorker | None, *, s
 
 @benchmark("async_worker_thread_vs_process")
 def thread_vs_process(ctx: Context) -> list[Record]:
-    rounds, saves = ctx.reps(4, 10), ctx.reps(2, 3)
+    rounds, saves = ctx.reps(3, 10), ctx.reps(2, 3)
     staged_mb = ctx.reps(64, 128)
     scratch = ctx.scratch("async-worker")
     staged = StagedTensors(staged_mb << 20)

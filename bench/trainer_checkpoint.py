@@ -5,7 +5,7 @@ Ours is :class:`trainer.Trainer` itself, one in-process rank on a 1-rank gloo gr
 checkpoints; its numbers are the trainer's own ``checkpoint_timings``. The job is a
 :class:`WideMLP`: a few square ``Linear`` layers on a batch of 4, so the state is large
 and a step is cheap (AdamW keeps two moments per parameter: 33.6M parameters are
-134 MB of weights + 269 MB of moments = 403 MB).
+134 MB of weights + 269 MB of moments = 403 MB; 57 MB with ``--quick``).
 
 * ``stall_vs_torch_save`` — how long a checkpoint holds the training thread (the
   snapshot into reused staging buffers and ``checkpoint.started``; steady state, the
@@ -291,10 +291,10 @@ def session(ctx: Context) -> Session:
 
 
 def _run_session(ctx: Context) -> Session:
-    # Quick: a quarter of the state (101 MB), 2 rounds; full: 403 MB, 3 rounds. Each run takes 3
-    # asynchronous checkpoints (2 in the steady state) and a final synchronous one; the interval
-    # leaves the background save room to finish before the next checkpoint (checked: ``fits``).
-    shape = Shape(width=ctx.reps(1024, 2048), layers=8)
+    # Quick: 57 MB of state, 2 rounds; full: 403 MB, 3 rounds. Each run takes 3 asynchronous
+    # checkpoints (2 in the steady state) and a final synchronous one; the interval leaves the
+    # background save room to finish before the next checkpoint (checked: ``Session.late``).
+    shape = Shape(width=ctx.reps(768, 2048), layers=8)
     rounds, ckpt_every, ckpts = ctx.reps(2, 3), ctx.reps(8, 10), 3
     scratch = ctx.scratch("trainer-ckpt")
     model, optimizer = baseline_state(shape)
@@ -452,10 +452,10 @@ def relative_mean_step(run: RunResult, first: int, last: int, touched: set[int])
 
 @benchmark("step_overhead")
 def step_overhead(ctx: Context) -> list[Record]:
-    # A small state (12.7 MB) so that a checkpoint's background save (~0.2-0.3 s here) is a small
-    # part of the interval (~1/10 in quick runs, ~1/20 in full ones) and a run stays short.
+    # A small state (12.7 MB) so that a checkpoint's background save (~0.2 s here) is a small part
+    # of the interval (~1/8 in quick runs, ~1/25 in full ones) and a run stays short.
     shape = Shape(width=512, layers=4)
-    ckpt_every, ckpts, rounds = ctx.reps(100, 250), ctx.reps(1, 2), ctx.reps(2, 3)
+    ckpt_every, ckpts, rounds = ctx.reps(75, 250), ctx.reps(1, 2), ctx.reps(2, 3)
     steps = ckpt_every * (ckpts + 1)
     # Steps 2 .. steps-1: every periodic checkpoint (stall and background work), not the first step
     # (warm-up) nor the last (it holds the final, synchronous checkpoint, which every variant takes).
