@@ -79,9 +79,9 @@ def main() -> int:
     if args.scenario == "timings":
         real_save_async = trainer.checkpointer.save_async
 
-        def watching_save_async(state, *, step, epoch):  # noqa: ANN001, ANN202
+        def watching_save_async(state, *, step, epoch, started=None):  # noqa: ANN001, ANN202
             nonlocal refused_second
-            result = real_save_async(state, step=step, epoch=epoch)
+            result = real_save_async(state, step=step, epoch=epoch, started=started)
             allocations.append(trainer.checkpointer.staging.allocations)
             staging_exact.append(staged_matches_live(trainer))
             if refused_second is None and trainer.checkpointer.in_flight is not None:

@@ -168,8 +168,9 @@ class CheckpointTiming:
     checkpoint_id: str
     step: int
     stall_s: float
-    """Time the training thread spent in the checkpoint call (for an async save: waiting for
-    the previous one, the snapshot into staging buffers and ``checkpoint.started``)."""
+    """Time the training thread spent on the checkpoint: waiting for the previous one to finish,
+    gathering the state dicts, and for an async save the snapshot into staging buffers and
+    ``checkpoint.started``; for a synchronous one, all of it."""
     durable_s: float | None
     """From the start of the call to ``checkpoint.committed`` appended (``None``: not committed)."""
     bytes: int
@@ -232,13 +233,14 @@ class Checkpointer:
 
     # -- save ----------------------------------------------------------------------------------
 
-    def save(self, state: dict[str, Any], *, step: int, epoch: int) -> SaveOutcome:
+    def save(self, state: dict[str, Any], *, step: int, epoch: int, started: float | None = None) -> SaveOutcome:
         """Write ``state`` on every rank and commit it through rank 0 (collective, blocking).
 
-        A background save still in flight is finished first; its outcome is returned by the
-        next :meth:`wait` / :meth:`poll` as usual.
+        ``started``: when the caller began the checkpoint (``time.perf_counter()``, e.g. before
+        it gathered the state dicts), so the recorded stall covers all of it; default now.
+        A background save must have been collected first (:meth:`wait`).
         """
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         self._join_in_flight()
         checkpoint_id, fenced = self._begin(step, epoch)
         if fenced is not None:
@@ -249,7 +251,8 @@ class Checkpointer:
                                              outcome.committed, synchronous=True))
         return outcome
 
-    def save_async(self, state: dict[str, Any], *, step: int, epoch: int) -> SaveOutcome | None:
+    def save_async(self, state: dict[str, Any], *, step: int, epoch: int,
+                   started: float | None = None) -> SaveOutcome | None:
         """Snapshot ``state`` and write it in the background (collective on the training thread).
 
         Returns ``None`` when the checkpoint is under way, or the outcome right away when it
@@ -260,7 +263,7 @@ class Checkpointer:
             raise RuntimeError("this Checkpointer was built without a background writer")
         if self._in_flight is not None:
             raise RuntimeError("a checkpoint is still in flight: collect it with wait() first")
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         snapshot = self._staging.stage(state)
         checkpoint_id, fenced = self._begin(step, epoch)
         if fenced is not None:

@@ -306,14 +306,15 @@ class Trainer:
         A checkpoint still in flight is finished (and its outcome taken) first: at most one
         is in flight, and its staging buffers are about to be reused.
         """
+        started = time.perf_counter()  # the stall recorded in checkpoint_timings starts here
         self._collect_background(block=True)
         model_state, optim_state = self.stack.state_dicts(self.model, self.optimizer)
         state = pack(model_state=model_state, optim_state=optim_state, step=self.step,
                      scheduler_state=self.scheduler.state_dict(), rank=self.ctx.rank, data_state=self.data.state_dict())
         if synchronous:
-            outcome = self.checkpointer.save(state, step=self.step, epoch=self.epoch)
+            outcome = self.checkpointer.save(state, step=self.step, epoch=self.epoch, started=started)
         else:
-            outcome = self.checkpointer.save_async(state, step=self.step, epoch=self.epoch)
+            outcome = self.checkpointer.save_async(state, step=self.step, epoch=self.epoch, started=started)
         if outcome is not None:
             self._take(outcome)
         return outcome
