@@ -30,9 +30,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -68,6 +69,32 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split())[:400]
 
 
+@contextmanager
+def _without_zip_crc32() -> Iterator[None]:
+    """Let ``torch.save`` skip the zip CRC32 of every tensor it serializes, for the duration.
+
+    DCP stores each tensor as a ``torch.save`` zip container, and computing the container's
+    CRC32 costs ~17% of writing a large tensor to disk (measured: 200 MB fp32 to file +
+    fsync, 1.01 s with it, 0.84 s without, 0.81 s raw). It protects nothing here: every
+    file is hashed (xxh3-128) after the write and verified against the ledger before any
+    load, and ``torch.load`` reads containers without CRC32s. The switch is process-wide
+    torch config, so a ``torch.save`` elsewhere in the process while a checkpoint is being
+    written also skips its CRC32 (its files stay loadable).
+    """
+    try:  # the switch exists since torch 2.6's serialization config; without it, CRC32s are computed
+        from torch.utils.serialization import config as serialization_config
+        save_config = serialization_config.save
+        previous = save_config.compute_crc32
+    except (ImportError, AttributeError):
+        yield
+        return
+    save_config.compute_crc32 = False
+    try:
+        yield
+    finally:
+        save_config.compute_crc32 = previous
+
+
 class RecordingWriter(FileSystemWriter):
     """DCP's file-system writer, remembering which files this rank wrote (so it can hash exactly those)."""
 
@@ -77,8 +104,9 @@ class RecordingWriter(FileSystemWriter):
         self.written: list[str] = []
 
     def write_data(self, plan, planner):  # noqa: ANN001, ANN201 - DCP's signature
-        """Write this rank's items (as DCP does) and note the files written."""
-        future = super().write_data(plan, planner)
+        """Write this rank's items (as DCP does, without zip CRC32s) and note the files written."""
+        with _without_zip_crc32():
+            future = super().write_data(plan, planner)
         for result in future.wait():  # the file-system writer completes synchronously
             name = result.storage_data.relative_path
             if name not in self.written:
