@@ -400,8 +400,8 @@ def commit_vs_raw_write(ctx: Context) -> list[Record]:
     return [Record.of(
         "commit_vs_raw_write", ours, base, "s", goal="ratio <= 1.25", met=ours / base <= 1.25,
         note=f"async checkpoint start -> checkpoint.committed appended, training going on (the final, "
-             f"synchronous one, training stopped: {final:.2f}s = {final / base:.2f}x; DCP's write of the same "
-             f"state {median(s.dcp_total_s):.2f}s, reading it back and hashing it "
+             f"synchronous one, training stopped: {final:.2f}s = {final / base:.2f}x; stock dcp.async_save of "
+             f"the same state, start to finish: {median(s.dcp_total_s):.2f}s, reading its files back and hashing them "
              f"{median(s.samples['dcp_hash']):.2f}s) vs one write+fsync of the same "
              f"{s.raw_bytes / 1e6:.0f} MB; " + _state_note(s),
         detail=_session_detail(s),
