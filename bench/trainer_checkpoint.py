@@ -58,7 +58,7 @@ from bench._background_save import write_raw
 from bench.harness import Context, Record, benchmark, median, spread, time_once
 from ledger import LocalBlobStore
 from trainer import Trainer, TrainerConfig
-from trainer.checkpointing import CheckpointTiming  # absent before async checkpoints: the module is skipped
+from trainer.checkpointing import CheckpointTiming
 from trainer.process_group import free_port
 
 VOCAB, BATCH = 16, 4
