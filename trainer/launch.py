@@ -5,7 +5,8 @@
 * ``--nproc 1`` without restarts trains in this process (a 1-rank gloo group).
 * Otherwise torch's elastic agent starts ``nproc`` local workers (``elastic_launch``),
   restarting all of them up to ``--max-restarts`` times after a worker dies; each
-  restart is a new attempt that resumes from the ledger's projection.
+  restart is a new attempt that resumes from the ledger's projection, and each restart
+  round rendezvouses on a store of its own (:func:`agent_launch_config` says why).
 
 Preemption: the launcher catches SIGTERM/SIGUSR1 itself (the agent only handles
 SIGINT/SIGHUP/SIGQUIT, which stop everything) and forwards it to the workers, then keeps
@@ -13,7 +14,11 @@ waiting for them like any other run: they checkpoint at the next step boundary a
 return "preempted". When the whole process group is signalled (``scancel``) the
 workers get it directly too, which is harmless. Workers report preemption, fencing
 and refusals as return values rather than exit codes, so the agent never restarts a
-preempted or fenced job.
+preempted or fenced job. When a worker dies, the agent stops the others with SIGTERM
+as well; their watch notes it, but stopping takes every rank's agreement at a step
+boundary, which a group with a dead rank cannot reach: the survivors crash (exit 1; or
+the agent kills them after its 30 s grace) instead of recording a preemption, and the
+agent restarts the round.
 """
 
 from __future__ import annotations
@@ -28,17 +33,22 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ledger import CorruptLedgerError, LedgerError, LedgerNotFoundError, SchemaTooNewError
 from trainer.errors import EXIT_PROBLEM, EXIT_USAGE, TrainerError
 from trainer.preemption import PREEMPTION_SIGNALS, PreemptionWatch
 from trainer.process_group import apply_single_node_defaults, under_srun
 
+if TYPE_CHECKING:
+    from torch.distributed.launcher.api import LaunchConfig
+
 #: ``fork`` or ``spawn``: how the elastic agent starts workers (default: fork on CPU-only hosts).
 START_METHOD_ENV = "CKPT_LEDGER_START_METHOD"
 #: The signals the elastic agent handles (by stopping every worker); preemption signals are ours.
 AGENT_STOP_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+#: torch's switch that stops the agent sharing its first-round store with every later round of workers.
+NO_SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,18 +229,22 @@ def _worker_pids() -> list[int]:
 _FORWARDER: SignalForwarder | None = None
 
 
-def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int) -> LaunchOutcome:
-    global _FORWARDER
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+def agent_launch_config(*, nproc: int, max_restarts: int) -> LaunchConfig:
+    """The elastic agent's configuration for ``nproc`` local workers; also sets the environment it needs.
+
+    Every restart round gets a store of its own. torch's c10d rendezvous otherwise shares one
+    TCPStore, created by the agent at the first round, with the workers of every round, and the
+    process group's keys (gloo's listening addresses under ``default_pg/...``) carry no restart
+    number: the workers of a new round can read the dead round's addresses before their peers
+    overwrite them, and gloo's full mesh is then refused on every retry, or both ends wait to be
+    connected to until the timeout (pytorch/pytorch#135712). With sharing off, the agent picks a
+    fresh port at each rendezvous round and rank 0 of that round hosts a new, empty store there.
+    """
+    from torch.distributed.launcher.api import LaunchConfig
 
     apply_single_node_defaults(os.environ)
-    if not debug_enabled():
-        # The agent logs every worker it starts and stops; the user wants the job's output.
-        for name in ("torch.distributed.elastic", "torch.distributed.elastic.agent.server.api",
-                     "torch.distributed.elastic.multiprocessing.api"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    launch_config = LaunchConfig(
+    os.environ[NO_SHARED_STORE_ENV] = "1"
+    return LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
@@ -242,6 +256,19 @@ def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int) -> Launch
         start_method=_start_method(),
         signals_to_handle=AGENT_STOP_SIGNALS,
     )
+
+
+def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int) -> LaunchOutcome:
+    global _FORWARDER
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    launch_config = agent_launch_config(nproc=nproc, max_restarts=max_restarts)
+    if not debug_enabled():
+        # The agent logs every worker it starts and stops; the user wants the job's output.
+        for name in ("torch.distributed.elastic", "torch.distributed.elastic.agent.server.api",
+                     "torch.distributed.elastic.multiprocessing.api"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     _FORWARDER = SignalForwarder().install()
     try:
         results = elastic_launch(launch_config, run_elastic_worker)(config)
