@@ -269,7 +269,7 @@ class Checkpointer:
         A background save must have been collected first (:meth:`wait`).
         """
         started = time.perf_counter() if started is None else started
-        self._join_in_flight()
+        self._require_none_in_flight()
         checkpoint_id, fenced = self._begin(step, epoch)
         if fenced is not None:
             return fenced
@@ -289,8 +289,7 @@ class Checkpointer:
         """
         if self._side_group is None:
             raise RuntimeError("this Checkpointer was built without a background writer")
-        if self._in_flight is not None:
-            raise RuntimeError("a checkpoint is still in flight: collect it with wait() first")
+        self._require_none_in_flight()
         started = time.perf_counter() if started is None else started
         snapshot = self._staging.stage(state)
         checkpoint_id, fenced = self._begin(step, epoch)
@@ -345,7 +344,8 @@ class Checkpointer:
                 f"background checkpoint {flight.checkpoint_id} failed: {_one_line(flight.error)}") from flight.error
         return flight.outcome
 
-    def _join_in_flight(self) -> None:
+    def _require_none_in_flight(self) -> None:
+        """Refuse to start a save while the previous one is unclaimed (its buffers are still being read)."""
         if self._in_flight is not None:
             raise RuntimeError("a checkpoint is still in flight: collect it with wait() first")
 
