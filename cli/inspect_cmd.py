@@ -11,6 +11,7 @@ from cli.options import json_option, open_read_only, run_dir_argument, seq_type
 from cli.tables import human_bytes, human_duration, render_table
 from ledger import Ledger
 from ledger.decisions import is_torn, metric_of
+from ledger.lineage import current_branch, on_current_branch
 from ledger.view import View
 
 
@@ -103,17 +104,19 @@ def render_view(view: View, run_dir: Path, last_seen: dict[int, float] | None = 
     checkpoints = list(view.checkpoints.values())
     if checkpoints:
         protected = view.protected()
+        branch = current_branch(view.state)
         rows = []
         for c in checkpoints:
             topo = "·".join(f"{k}{v}" for k, v in sorted(c.topology.items())) or "-"
             status = "torn" if is_torn(view.state, c) else c.status
             if c.pinned and c.status != "deleted":
                 status += ", pinned"
-            rows.append([c.checkpoint_id, c.step, status, human_bytes(c.bytes), len(c.shards),
-                         f"{c.stack} x{c.world_size}", topo, metric_of(view.state, c, metric),
-                         protected.get(c.checkpoint_id)])
+            rows.append([c.checkpoint_id, c.step, status, "" if on_current_branch(view.state, c, branch) else "abandoned",
+                         c.parent or "(root)", human_bytes(c.bytes), len(c.shards), f"{c.stack} x{c.world_size}", topo,
+                         metric_of(view.state, c, metric), protected.get(c.checkpoint_id)])
         lines += ["", "checkpoints", render_table(
-            ["checkpoint", "step", "status", "size", "shards", "stack", "topology", metric, "kept because"], rows)]
+            ["checkpoint", "step", "status", "branch", "parent", "size", "shards", "stack", "topology", metric,
+             "kept because"], rows)]
     if view.anomalies:
         lines += ["", f"anomalies ({len(view.anomalies)}; see `ckpt-ledger audit`)"]
         lines += [f"  {a}" for a in view.anomalies[:5]]

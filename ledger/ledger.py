@@ -11,15 +11,18 @@ from typing import Any, Sequence
 
 from ledger import retention
 from ledger.blobs import LocalBlobStore
-from ledger.decisions import BestRule
-from ledger.errors import CorruptBlobError, DuplicateCheckpointError, IncompleteCheckpointError, LedgerError
+from ledger.decisions import BestRule, alias_updates, metric_of
+from ledger.errors import CorruptBlobError, DuplicateCheckpointError, FencedError, IncompleteCheckpointError, LedgerError
 from ledger.events import (
+    AliasPromoted,
+    AliasRemoved,
     AttemptStarted,
     CheckpointAborted,
     CheckpointCommitted,
     CheckpointStarted,
     CorruptionDetected,
     Event,
+    MetricRecorded,
     RunStarted,
     ShardWritten,
 )
@@ -64,6 +67,10 @@ class Attempt:
 
 class Ledger:
     """One run's ledger. Open with :meth:`open`; writers and read-only readers share this API."""
+
+    promote_aliases: bool = True
+    """Append ``alias.promoted`` when ``latest``/``best`` move (after a commit, a metric, a new attempt or
+    a corruption report). Tests that need an exact event sequence may turn it off on an instance."""
 
     def __init__(self, run_dir: Path, log: LogWriter | LogReader, read_only: bool) -> None:
         self.run_dir = run_dir
@@ -164,6 +171,7 @@ class Ledger:
             )
 
         epoch, seq = self._writer().begin_epoch(make)
+        self._promote_aliases(epoch)  # an explicit resume moves the branch, and latest with it
         return Attempt(epoch=epoch, seq=seq, event=make(epoch))
 
     # -- two-phase checkpoint protocol -------------------------------------------------------
@@ -239,6 +247,7 @@ class Ledger:
         crash_point("ledger.before_commit")
         seq = self._writer().append_computed(make_commit, epoch=epoch, event_id=f"{checkpoint_id}:committed")
         crash_point("ledger.after_commit")
+        self._promote_aliases(epoch)
         return seq
 
     def abort_checkpoint(self, checkpoint_id: str, reason: str, *, epoch: int | None) -> int:
@@ -249,8 +258,38 @@ class Ledger:
     def report_corruption(self, checkpoint_id: str, location: str, expected_hash: str | None,
                           found_hash: str | None, *, epoch: int | None) -> int:
         """Record that a shard failed verification (the checkpoint is never loaded again)."""
-        return self.append(CorruptionDetected(checkpoint_id=checkpoint_id, location=location,
-                                              expected_hash=expected_hash, found_hash=found_hash), epoch=epoch)
+        seq = self.append(CorruptionDetected(checkpoint_id=checkpoint_id, location=location,
+                                             expected_hash=expected_hash, found_hash=found_hash), epoch=epoch)
+        self._promote_aliases(epoch)
+        return seq
+
+    def record_metric(self, name: str, value: float, step: int, checkpoint_id: str | None, *, epoch: int | None) -> int:
+        """Record a measured metric (e.g. ``eval_loss``), possibly long after its checkpoint; ``best`` may move."""
+        seq = self.append(MetricRecorded(name=name, value=value, step=step, checkpoint_id=checkpoint_id), epoch=epoch)
+        self._promote_aliases(epoch)
+        return seq
+
+    def _promote_aliases(self, epoch: int | None) -> None:
+        """Append ``alias.promoted``/``alias.removed`` for ``latest``/``best`` if they moved (history for people:
+        decisions are made from the projection, never from these events)."""
+        if not self.promote_aliases:
+            return
+        view = self.projection()
+        rule = view.best_rule
+        events: list[Event] = []
+        for alias, target in alias_updates(view.state, rule):
+            if target is None:
+                events.append(AliasRemoved(alias=alias, reason="no usable checkpoint on the current branch"
+                                           if alias == "latest" else f"no usable checkpoint has {rule.metric}"))
+            else:
+                why = ("head of the current branch" if alias == "latest"
+                       else f"{rule.mode} {rule.metric} = {metric_of(view.state, target, rule.metric):.6g}")
+                events.append(AliasPromoted(alias=alias, checkpoint_id=target.checkpoint_id, reason=why))
+        if events:
+            try:
+                self.append_many(events, epoch=epoch)
+            except FencedError:
+                pass  # a newer attempt owns the run; it records the aliases it moves
 
     def verify_checkpoint(self, checkpoint_id: str) -> None:
         """Re-hash every shard of a checkpoint; raises :class:`CorruptBlobError` on the first bad one."""

@@ -21,6 +21,7 @@ import msgspec
 
 from ledger.events import (
     AliasPromoted,
+    AliasRemoved,
     AttemptEnded,
     AttemptStarted,
     CheckpointAborted,
@@ -40,7 +41,8 @@ from ledger.events import (
 )
 
 #: Bump when the state layout or fold rules change: older snapshots are then ignored.
-PROJECTION_VERSION = 1
+#: 2: lineage (``CheckpointState.parent``, ``AttemptState.head``/``fenced_by``), alias removal.
+PROJECTION_VERSION = 2
 
 
 class RunInfo(msgspec.Struct, kw_only=True):
@@ -50,6 +52,7 @@ class RunInfo(msgspec.Struct, kw_only=True):
     config: dict[str, Any]
     config_hash: str
     code_id: str | None
+    ledger_version: str | None = None
 
 
 class ShardState(msgspec.Struct, kw_only=True):
@@ -83,6 +86,9 @@ class CheckpointState(msgspec.Struct, kw_only=True):
     pinned: bool = False
     corrupt_locations: list[str] = []
     metrics: dict[str, float] = {}
+    parent: str | None = None
+    """The checkpoint this one's weights descend from: its attempt's previous (not aborted) checkpoint,
+    or the checkpoint the attempt resumed from; ``None`` for a run's first checkpoint (a root)."""
 
     @property
     def bytes(self) -> int:
@@ -120,6 +126,10 @@ class AttemptState(msgspec.Struct, kw_only=True):
     steps_run: int = 0
     steps_lost: int = 0
     preempted_by: str | None = None
+    head: str | None = None
+    """The attempt's newest checkpoint not aborted (at first the one it resumed from): the parent of its next."""
+    fenced_by: int | None = None
+    """The epoch that fenced this attempt (status ``fenced``), when the log says so."""
 
 
 class State(msgspec.Struct, kw_only=True):
@@ -204,7 +214,10 @@ def _on_checkpoint_started(state: State, event: CheckpointStarted, seq: int, epo
             world_size=event.world_size,
             stack=event.stack,
             topology=dict(event.topology),
+            parent=attempt.head if attempt is not None else None,
         )
+        if attempt is not None:
+            attempt.head = event.checkpoint_id
 
 
 def _on_committed(state: State, event: CheckpointCommitted, seq: int, epoch: int, recorded_at: float,
@@ -224,6 +237,10 @@ def _on_aborted(state: State, event: CheckpointAborted, seq: int, epoch: int, re
     if ckpt is not None:
         if ckpt.status == "in_flight":
             ckpt.status = "aborted"
+            # An aborted save holds no weights: the attempt's next checkpoint descends from its parent.
+            owner = state.attempts.get(ckpt.epoch)
+            if owner is not None and owner.head == ckpt.checkpoint_id:
+                owner.head = ckpt.parent
         ckpt.abort_reason = event.reason
 
 
@@ -240,6 +257,12 @@ def _on_alias(state: State, event: AliasPromoted, seq: int, epoch: int, recorded
               attempt: AttemptState | None) -> None:
     if _checkpoint(state, seq, event.checkpoint_id, f"alias {event.alias}") is not None:
         state.aliases[event.alias] = event.checkpoint_id
+
+
+def _on_alias_removed(state: State, event: AliasRemoved, seq: int, epoch: int, recorded_at: float,
+                      attempt: AttemptState | None) -> None:
+    if state.aliases.pop(event.alias, None) is None:
+        _anomaly(state, seq, f"alias {event.alias} removed but it pointed at nothing")
 
 
 def _on_pin(state: State, event: CheckpointPinned | CheckpointUnpinned, seq: int, epoch: int, recorded_at: float,
@@ -290,6 +313,13 @@ def _on_attempt_ended(state: State, event: AttemptEnded, seq: int, epoch: int, r
         ended.ended_seq = seq
         if event.last_step is not None:
             ended.last_step = event.last_step
+        if event.reason == "fenced":
+            ended.fenced_by = event.fenced_by if event.fenced_by is not None else _next_epoch(state, event.epoch)
+
+
+def _next_epoch(state: State, epoch: int) -> int | None:
+    """The first epoch begun after ``epoch``: the one that fenced it."""
+    return min((e for e in state.attempts if e > epoch), default=None)
 
 
 def _on_preemption(state: State, event: PreemptionSignalled, seq: int, epoch: int, recorded_at: float,
@@ -302,7 +332,8 @@ def _on_run_started(state: State, event: RunStarted, seq: int, epoch: int, recor
                     attempt: AttemptState | None) -> None:
     if state.run is None:
         state.run = RunInfo(
-            run_id=event.run_id, config=dict(event.config), config_hash=event.config_hash, code_id=event.code_id
+            run_id=event.run_id, config=dict(event.config), config_hash=event.config_hash, code_id=event.code_id,
+            ledger_version=event.ledger_version,
         )
     else:
         _anomaly(state, seq, "run.started appended twice")
@@ -355,6 +386,7 @@ def _apply_attempt_started(state: State, event: AttemptStarted, seq: int, record
         previous_topology=event.previous_topology,
         first_step=first_step,
         last_seq=seq,
+        head=event.resumed_from if resumed_ckpt is not None else None,
     )
     state.current_epoch = max(state.current_epoch, event.epoch)
     if state.last_step is not None or resumed_ckpt is not None:
@@ -371,6 +403,7 @@ _HANDLERS: dict[type, Callable[..., None]] = {
     CheckpointAborted: _on_aborted,
     MetricRecorded: _on_metric,
     AliasPromoted: _on_alias,
+    AliasRemoved: _on_alias_removed,
     CheckpointPinned: _on_pin,
     CheckpointUnpinned: _on_pin,
     CheckpointDeletionRequested: _on_deletion_requested,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ledger import decisions
+from ledger import decisions, lineage
 from ledger.faults import crash_point
 from ledger.projection import State
 
@@ -26,9 +26,9 @@ class RetentionPolicy:
     """Which committed checkpoints to keep. ``None`` disables a rule; all ``None`` keeps everything."""
 
     keep_last: int | None = None
-    """Keep the K highest-step committed checkpoints."""
+    """Keep the K highest-step committed checkpoints of the current branch."""
     keep_every: int | None = None
-    """Keep checkpoints whose step is a multiple of N (archival)."""
+    """Keep checkpoints of the current branch whose step is a multiple of N (archival)."""
     keep_best: int | None = None
     """Keep the K best checkpoints by the run's metric rule."""
 
@@ -81,11 +81,15 @@ def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None 
         return deletions
     committed = [c for c in state.checkpoints.values() if c.status in ("committed", "corrupt") and not c.deletion_requested]
     by_step = sorted(committed, key=lambda c: (c.step, c.committed_seq or 0), reverse=True)
+    # keep-last and keep-every count along the current branch only; an abandoned branch is
+    # kept by pins, aliases, best or keep-best (see ledger.lineage).
+    branch = lineage.current_branch(state)
+    on_branch = [c for c in by_step if branch is None or c.checkpoint_id in branch]
     if policy.keep_last is not None:
-        for ckpt in by_step[: policy.keep_last]:
+        for ckpt in on_branch[: policy.keep_last]:
             keep.setdefault(ckpt.checkpoint_id, f"keep-last {policy.keep_last}")
     if policy.keep_every is not None:
-        for ckpt in committed:
+        for ckpt in on_branch:
             if ckpt.step % policy.keep_every == 0:
                 keep.setdefault(ckpt.checkpoint_id, f"keep-every {policy.keep_every}")
     if policy.keep_best is not None:
@@ -93,7 +97,12 @@ def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None 
             keep.setdefault(ckpt.checkpoint_id, f"keep-best {policy.keep_best}")
     for ckpt in by_step:
         if ckpt.checkpoint_id not in keep:
-            why = "corrupt and not kept" if ckpt.status == "corrupt" else f"not kept by policy ({policy.describe()})"
+            if ckpt.status == "corrupt":
+                why = "corrupt and not kept"
+            elif branch is not None and ckpt.checkpoint_id not in branch:
+                why = lineage.abandoned_reason(state, ckpt)
+            else:
+                why = f"not kept by policy ({policy.describe()})"
             deletions.append(_deletion(ckpt, why))
     return deletions
 

@@ -26,7 +26,6 @@ from typing import Any, Sequence
 from ledger import Attempt, FencedError, Ledger, RetentionPolicy, View
 from ledger.events import (
     AttemptEnded,
-    MetricRecorded,
     PreemptionSignalled,
     ShardWritten,
     StepCompleted,
@@ -139,8 +138,7 @@ class RunJournal:
         if not math.isfinite(value):
             self._warn_nonfinite(step, {name: value})
             return
-        self._guard(lambda: self.ledger.append(
-            MetricRecorded(name=name, value=value, step=step, checkpoint_id=checkpoint_id), epoch=self.epoch))
+        self._guard(lambda: self.ledger.record_metric(name, value, step, checkpoint_id, epoch=self.epoch))
 
     # -- the two-phase checkpoint ------------------------------------------------------------
 
