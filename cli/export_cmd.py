@@ -12,8 +12,8 @@ from cli.options import check_run_dir, run_dir_argument
 
 @click.command("export")
 @run_dir_argument
-@click.option("--checkpoint", "ref", default="latest", show_default=True, metavar="latest|best|ID",
-              help="Which checkpoint to export.")
+@click.option("--checkpoint", "ref", default="latest", show_default=True, metavar="latest|best|ALIAS|ID",
+              help="Which checkpoint to export (a user alias from `ckpt-ledger alias` works too).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output file.")
 @click.option("--format", "fmt", type=click.Choice(("torch", "safetensors")), default="torch", show_default=True,
               help="torch: read with torch.load; safetensors: read with safetensors.torch.load_file.")

@@ -63,6 +63,8 @@ def _reason(attempt) -> str | None:  # noqa: ANN001 - AttemptState
         return "no attempt.ended"
     if attempt.status == "running":
         return None
+    if attempt.status == "fenced":
+        return f"fenced by epoch {attempt.fenced_by}" if attempt.fenced_by else "fenced"
     return attempt.reason + (f" ({attempt.preempted_by})" if attempt.preempted_by else "")
 
 
@@ -83,6 +85,7 @@ def render_view(view: View, run_dir: Path, last_seen: dict[int, float] | None = 
         f"  latest  {_ref(latest)}" + (f"  {metric}={latest_value:.6g}" if latest_value is not None else ""),
         f"  best    {_ref(best.checkpoint if best else None)}"
         + (f"  {best.metric}={best.value:.6g} ({view.best_rule.mode})" if best else f"  (no {metric} recorded)"),
+        f"  aliases {', '.join(f'{a} -> {c}' for a, c in sorted(view.state.aliases.items())) or '-'}",
         f"  last step {view.last_step if view.last_step is not None else '-'}  ·  "
         f"goodput {view.goodput:.1%} ({view.state.steps_lost} of {view.state.steps_run} steps lost to restarts)",
     ]

@@ -232,7 +232,11 @@ def _attempts(led: "Ledger", state: State, process_alive: Callable[[str, int], b
         who = f"attempt {attempt.epoch}" + (f" (job {attempt.job_id})" if attempt.job_id else "")
         saves = "".join(f"; save {c.checkpoint_id} at step {c.step} never committed ({_rank_progress(c)})"
                         for c in unfinished.get(attempt.epoch, []))
-        if attempt.status == "crashed":
+        if attempt.status == "crashed" and attempt.ended_seq is not None:
+            found.append(Finding("crashed_attempt", NOTE, f"attempt {attempt.epoch}",
+                                 f"{who} was recorded as crashed by an operator (`ckpt-ledger end-attempt`) at step "
+                                 f"{attempt.last_step}{saves}", seq=attempt.ended_seq))
+        elif attempt.status == "crashed":
             found.append(Finding("crashed_attempt", NOTE, f"attempt {attempt.epoch}",
                                  f"{who} ended without attempt.ended (crashed or killed); last event "
                                  f"{_last_event(led, attempt.last_seq)}, last step {attempt.last_step}{saves}",
@@ -247,13 +251,19 @@ def _attempts(led: "Ledger", state: State, process_alive: Callable[[str, int], b
                     f"{who} has no attempt.ended but its process {attempt.pid} on {attempt.host} is gone: it crashed; "
                     f"last event {last}{saves}",
                     "restart the job (it resumes from "
-                    f"{target.checkpoint_id if target else 'scratch'} and fences this attempt), "
-                    "then run `ckpt-ledger gc` to remove its unfinished save", seq=attempt.last_seq))
+                    f"{target.checkpoint_id if target else 'scratch'} and fences this attempt), or record it with "
+                    f"`ckpt-ledger end-attempt {led.run_dir} {attempt.epoch} --reason crashed`; then "
+                    "`ckpt-ledger gc` removes its unfinished save", seq=attempt.last_seq))
             else:
                 found.append(Finding("running_attempt", NOTE, f"attempt {attempt.epoch}",
                                      f"{who} has not ended yet (still running, or crashed with no restart since); "
                                      f"last event {last}{saves}", seq=attempt.last_seq))
-        elif attempt.status in ("failed", "fenced"):
+        elif attempt.status == "fenced":
+            by = f" by epoch {attempt.fenced_by}" if attempt.fenced_by else ""
+            found.append(Finding("fenced_attempt", NOTE, f"attempt {attempt.epoch}",
+                                 f"{who} was fenced{by} at step {attempt.last_step}: a newer attempt took over the run "
+                                 f"and its later appends were refused{saves}", seq=attempt.ended_seq))
+        elif attempt.status == "failed":
             found.append(Finding(f"{attempt.status}_attempt", NOTE, f"attempt {attempt.epoch}",
                                  f"{who} ended {attempt.status} at step {attempt.last_step}", seq=attempt.ended_seq))
     return found

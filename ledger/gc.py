@@ -140,3 +140,25 @@ def execute_gc(led: "Ledger", plan: GcPlan) -> GcResult:
     for stray in plan.strays:
         led.blobs.delete(stray.location)
     return GcResult(deletions=deleted, removed=list(plan.strays))
+
+
+def _epoch_of(location: str) -> int | None:
+    match = _BLOB_PATH.match(location)
+    return int(match["epoch"]) if match else None
+
+
+def retention_pass(led: "Ledger", policy: retention.RetentionPolicy, *, epoch: int) -> GcResult:
+    """An attempt's retention pass after each commit: the policy, plus what older attempts left behind.
+
+    Torn and aborted saves are deleted even with no policy set, and stray files under the
+    directories of *older* epochs (a fenced job's unrecorded files, a dead attempt's temp
+    files) are removed: a run does not wait for an operator's ``gc`` to be clean. Files of
+    this attempt's own epoch are never touched here. The listing is taken after retention and
+    before the projection that judges it, as in :func:`plan_gc`.
+    """
+    deleted = led.apply_retention(policy, epoch=epoch)
+    listing = [loc for loc in led.blobs.list_files() if (e := _epoch_of(loc)) is not None and e < epoch]
+    strays = stray_files(led.projection().state, listing)
+    for stray in strays:
+        led.blobs.delete(stray.location)
+    return GcResult(deletions=deleted, removed=strays)
