@@ -48,6 +48,7 @@ from trainer.dcp_codec import reader_registry, writer_extensions
 from trainer.journal import RunJournal, ShardFact
 from trainer.process_group import DistContext, broadcast_object, gather_objects, new_side_group
 from trainer.staging import StagingArea
+from trainer.train_state import SafeLoadPlanner
 
 #: The file DCP's coordinator writes last, describing where every item lives.
 DCP_METADATA_FILE = ".metadata"
@@ -465,4 +466,4 @@ class Checkpointer:
         """Read a verified checkpoint into ``template`` in place (collective)."""
         # One registry reads every codec: each item's is recorded in the checkpoint's .metadata.
         reader = FileSystemReader(self.blobs.path(candidate.directory()), _extension_registry=reader_registry())
-        dcp.load(template, storage_reader=reader)
+        dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner())  # never runs pickled code

@@ -24,6 +24,7 @@ from ledger import CorruptBlobError, Ledger
 from trainer.checkpointing import Candidate
 from trainer.errors import TrainerError
 from trainer.pretrained import plain_key
+from trainer.train_state import SafeLoadPlanner
 
 FORMATS = ("torch", "safetensors")
 _MODEL_PREFIX = "model."
@@ -60,7 +61,7 @@ def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:
         # no_dist=True is the point here; DCP warns that it found no process group.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load(state, storage_reader=FileSystemReader(directory, _extension_registry=reader_registry()),
-                 no_dist=True)
+                 no_dist=True, planner=SafeLoadPlanner())
     return {plain_key(k): v for k, v in state["model"].items()}
 
 

@@ -43,7 +43,15 @@ from trainer.preemption import PreemptionWatch, StopReason
 from trainer.process_group import all_reduce_max, all_reduce_mean, broadcast_object, init_distributed, slurm_facts
 from trainer.sources import StartPlan, choose_start, honoured_resume
 from trainer.stacks import get_stack
-from trainer.train_state import load_template, pack, restore_rng, seed_everything, seed_rank, unpack
+from trainer.train_state import (
+    UnsafeCheckpointError,
+    load_template,
+    pack,
+    restore_rng,
+    seed_everything,
+    seed_rank,
+    unpack,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +231,9 @@ class Trainer:
             self.checkpointer.load(candidate, template)
             self.stack.load_state_dicts(self.model, self.optimizer, template["model"], template["optim"])
         except (CheckpointException, KeyError, ValueError, RuntimeError) as err:
+            causes = [f[0] for f in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+            if unsafe := next((c for c in causes if isinstance(c, UnsafeCheckpointError)), None):
+                raise unsafe from None  # refused, never executed: one line, exit 1
             # DCP reshards between stacks and world sizes; what it cannot map is refused with
             # the layout that saved the checkpoint (lost peers are crashes, not refusals).
             here = (self.config.stack, self.ctx.world_size, self.topology.as_dict())
