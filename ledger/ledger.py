@@ -142,10 +142,11 @@ class Ledger:
             return []
         return self._writer().append(events, epoch=OPERATOR_EPOCH if epoch is None else epoch, event_ids=event_ids)
 
-    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None) -> RunStarted:
-        """Record the run's identity once; later calls return the stored ``run.started``."""
-        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id),
-                    event_id="run.started")
+    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None,
+                  ledger_version: str | None = None) -> RunStarted:
+        """Record the run's identity once (``code_id``: the user's code); later calls return the stored ``run.started``."""
+        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id,
+                               ledger_version=ledger_version), event_id="run.started")
         stored = self._writer().query(lambda c: read_events(c, tags=["run.started"]))
         return stored[0].event  # type: ignore[return-value]
 

@@ -74,8 +74,9 @@ def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None 
             deletions.append(_deletion(ckpt, f"finish interrupted deletion ({ckpt.deletion_reason or 'no reason'})"))
         elif decisions.is_torn(state, ckpt) and ckpt.checkpoint_id not in keep:  # a pin or user alias still keeps it
             deletions.append(_deletion(ckpt, f"torn save of attempt {ckpt.epoch}: never committed"))
-        elif ckpt.status == "aborted" and ckpt.checkpoint_id not in keep:
-            # Without this an aborted save's recorded shards would stay on disk forever.
+        elif ckpt.status == "aborted" and ckpt.shards and ckpt.checkpoint_id not in keep:
+            # Without this an aborted save's recorded shards would stay on disk forever (one with
+            # none recorded has nothing to delete: it stays "aborted" in the record).
             deletions.append(_deletion(ckpt, f"aborted ({ckpt.abort_reason or 'no reason'}): never committed"))
     if not policy.active:
         return deletions

@@ -66,10 +66,11 @@ class RunJournal:
 
     # -- the run and the attempt -----------------------------------------------------------
 
-    def start_run(self, config: dict[str, Any], config_hash: str, code_id: str | None) -> tuple[str, bool]:
+    def start_run(self, config: dict[str, Any], config_hash: str, code_id: str | None,
+                  ledger_version: str | None = None) -> tuple[str, bool]:
         """Record the run's identity (once); returns ``(run_id, same_config)``."""
         started = self.ledger.start_run(run_id=uuid.uuid4().hex[:12], config=config, config_hash=config_hash,
-                                        code_id=code_id)
+                                        code_id=code_id, ledger_version=ledger_version)
         return started.run_id, started.config_hash == config_hash
 
     def projection(self) -> View:

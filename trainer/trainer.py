@@ -36,7 +36,7 @@ from ledger.faults import crash_point
 from trainer.checkpointing import BackgroundCheckpointError, Candidate, Checkpointer, SaveOutcome
 from trainer.config import TrainerConfig
 from trainer.errors import EXIT_PREEMPTED, EXIT_PROBLEM, BadInputError, StartRefusedError
-from trainer.identity import code_id, config_hash
+from trainer.identity import config_hash, ledger_version, user_code_id
 from trainer.journal import RunJournal
 from trainer.pretrained import read_pretrained
 from trainer.preemption import PreemptionWatch, StopReason
@@ -163,7 +163,7 @@ class Trainer:
         if ctx.is_coordinator:
             self.journal = RunJournal(cfg.run_dir)
             canonical = cfg.canonical()
-            _, same = self.journal.start_run(canonical, config_hash(canonical), code_id())
+            _, same = self.journal.start_run(canonical, config_hash(canonical), user_code_id(), ledger_version())
             if not same:
                 self._say("note: this config differs from the one the run started with (see run.started)")
             view = self.journal.projection()
