@@ -96,12 +96,15 @@ def draw(view: View, series: Series, title: str, last_seen: dict[int, float] | N
     attempts = view.attempts
     checkpoints = list(view.checkpoints.values())
     has_loss = any(series.loss.values())
-    fig = Figure(figsize=(11, 8.5 if has_loss else 6.0), layout="constrained")
+    # "tight", not "constrained": the constraint solver's float results vary from run to run in the last
+    # digits, which changes SVG clip-path ids; the same ledger must always render the same bytes.
+    fig = Figure(figsize=(11, 8.5 if has_loss else 6.0), layout="tight")
     ratios = [1.2, 1, 0.7] if has_loss else [1.2, 0.7]
-    all_axes = fig.subplots(len(ratios), 1, squeeze=False, gridspec_kw={"height_ratios": ratios})[:, 0]
-    axes, clock_ax = list(all_axes[:-1]), all_axes[-1]
+    grid = fig.add_gridspec(len(ratios), 1, height_ratios=ratios)
+    axes = [fig.add_subplot(grid[0])]
     if has_loss:
-        axes[1].sharex(axes[0])
+        axes.append(fig.add_subplot(grid[1], sharex=axes[0]))
+    clock_ax = fig.add_subplot(grid[-1])
     ax = axes[0]
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
     attempt_colour = {a.epoch: palette[i % len(palette)] for i, a in enumerate(attempts)}
