@@ -33,7 +33,7 @@ from ledger.projection import (
     decode_state,
     fold_chunks,
 )
-from ledger.store import CheckpointRow, ReadModelRows, StoreReader
+from ledger.store import CheckpointRow, EventChunk, ReadModelRows, StoreReader
 from ledger.view import BestCheckpoint, View
 
 #: Bump when the rows or facts change meaning; a different version is ignored and rebuilt.
@@ -130,7 +130,7 @@ class ReadModelFolder:
         self.state = None  # the fold ran ahead of a rolled-back transaction: reload next time
         self._summary = None
 
-    def advance(self, reader: StoreReader) -> ReadModelRows | None:
+    def advance(self, reader: StoreReader, appended: EventChunk | None = None) -> ReadModelRows | None:
         newest = reader.max_seq()
         stored = reader.read_model_seq(version=READ_MODEL_VERSION)
         if stored is None or stored > newest:  # missing, another version, or not of this log: rebuild
@@ -146,7 +146,12 @@ class ReadModelFolder:
         tags: set[str] = set()
         touched: set[str] = set()
         epochs: set[int] = set()
-        for chunk in reader.chunks(after=stored, until=newest):
+        chunks: Iterable[EventChunk]
+        if appended is not None and appended.seqs and appended.seqs[0] == stored + 1 and appended.seqs[-1] == newest:
+            chunks = [appended]  # exactly this transaction's events: no need to read them back
+        else:
+            chunks = reader.chunks(after=stored, until=newest)
+        for chunk in chunks:
             epochs.update(chunk.epochs)
             for event in chunk.events:
                 tags.add(event.__struct_config__.tag)  # type: ignore[attr-defined]
