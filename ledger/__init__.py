@@ -15,7 +15,7 @@ shown      ``cli/`` (inspect, replay, audit, tail, timeline), via ``Ledger``'s r
 >>> led.projection().resume                       # doctest: +SKIP
 """
 
-from ledger.blobs import BlobInfo, BlobStore, LocalBlobStore
+from ledger.blobs import BlobInfo, BlobStore, BlobWriter, LocalBlobStore
 from ledger.decisions import BestRule
 from ledger.errors import (
     CheckpointNotFoundError,
@@ -44,6 +44,7 @@ __all__ = [
     "BestRule",
     "BlobInfo",
     "BlobStore",
+    "BlobWriter",
     "CheckpointNotFoundError",
     "CorruptBlobError",
     "CorruptLedgerError",
