@@ -145,3 +145,132 @@ def test_a_killed_node_recovers_under_max_restarts_on_both_agents(tmp_path, tmp_
     assert view.checkpoints[second.resumed_from].epoch == first.epoch
     assert not events_of(run_dir, "preemption.signalled")
     assert_bitwise_equal(reference, export_state(run_dir, tmp_path / "final.pt"))
+
+
+def _free_port_in(first: int, count: int) -> int:
+    """A port in [first, first+count) that was free a moment ago."""
+    import socket
+
+    for port in range(first, first + count):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {first}..{first + count - 1}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_srun_one_task_per_node_agents_recover_a_killed_worker(tmp_path, tmp_path_factory, crash_counter):
+    """Two tasks started the way ``srun --nodes 2 --ntasks-per-node 1 python -m trainer --max-restarts 1``
+    starts them: only SLURM_* says who is who, and where to meet (the node list's first host, a port
+    derived from the job id); then one node's worker is SIGKILLed and both agents restart theirs."""
+    from trainer.slurm import BASE_PORT, PORT_SPAN
+
+    _, reference = reference_run(tmp_path_factory, "ddp")
+    run_dir = tmp_path / "run"
+    job_id = _free_port_in(BASE_PORT, PORT_SPAN) - BASE_PORT
+
+    def task(node: int) -> subprocess.Popen:
+        env = cli_env(SLURM_JOB_ID=str(job_id), SLURM_PROCID=str(node), SLURM_NTASKS=str(2), SLURM_NNODES="2",
+                      SLURM_NODEID=str(node), SLURM_LOCALID="0", SLURM_JOB_NODELIST="127.0.0.[1-2]")
+        del env["MASTER_ADDR"]  # the first host of the node list is the meeting point
+        return subprocess.Popen([sys.executable, "-m", "trainer", "--run-dir", str(run_dir), "--max-restarts", "1",
+                                 *QUICK], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    tasks = [task(node) for node in (0, 1)]
+    try:
+        wait_for(lambda: bool(committed_steps(run_dir)), timeout=300, proc=tasks[1], what="the first commit")
+        [worker] = _children(tasks[1].pid)
+        os.kill(worker, signal.SIGKILL)
+        crash_counter("trainer.worker_sigkill")
+    finally:
+        done = finish_all(tasks, timeout=400)
+    assert [r.returncode for r in done] == [0, 0], [r.stderr[-3000:] for r in done]
+    first, second = view_of(run_dir).attempts
+    assert first.status in ("failed", "crashed") and first.last_step < 30, "the run finished before the kill"
+    assert second.status == "completed" and second.world_size == 2
+    assert second.job_id == str(job_id) and second.slurm["nnodes"] == 2
+    assert_bitwise_equal(reference, export_state(run_dir, tmp_path / "final.pt"))
+
+
+# -- two nodes that share no loopback: network namespaces joined by a veth pair -------------------
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def two_netns():
+    """Two network namespaces, each with its own loopback and one end of a veth pair (10.231.N.1 / .2).
+
+    Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and iproute2; skipped with the reason otherwise.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    tag = f"{os.getpid() % 100000}"
+    names, subnet = [f"ckl{tag}n0", f"ckl{tag}n1"], f"10.231.{os.getpid() % 250}"
+    try:
+        made = _ip("netns", "add", names[0])
+    except FileNotFoundError:
+        pytest.skip("iproute2 (ip) is not installed")
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
+    try:
+        steps = [("netns", "add", names[1]),
+                 ("link", "add", f"ckl{tag}a", "type", "veth", "peer", "name", f"ckl{tag}b"),
+                 ("link", "set", f"ckl{tag}a", "netns", names[0]),
+                 ("link", "set", f"ckl{tag}b", "netns", names[1])]
+        for node, end in ((0, "a"), (1, "b")):
+            steps += [("-n", names[node], "link", "set", f"ckl{tag}{end}", "name", "mn0"),
+                      ("-n", names[node], "addr", "add", f"{subnet}.{node + 1}/24", "dev", "mn0"),
+                      ("-n", names[node], "link", "set", "mn0", "up"),
+                      ("-n", names[node], "link", "set", "lo", "up")]
+        for step in steps:
+            done = _ip(*step)
+            if done.returncode != 0:
+                pytest.skip(f"cannot set up the veth pair here (ip {' '.join(step)}): {done.stderr.strip()}")
+        yield names, [f"{subnet}.1", f"{subnet}.2"]
+    finally:
+        for name in names:
+            _ip("netns", "del", name)  # also removes the veth end inside it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_in_separate_network_namespaces(tmp_path, tmp_path_factory, two_netns):
+    """Each node in a network namespace of its own (no shared loopback; they talk over the veth pair only),
+    with the run directory on the file system they share; then the run resumes on one node."""
+    _, reference = reference_run(tmp_path_factory, "ddp")
+    (ns0, ns1), (addr0, addr1) = two_netns
+    # Each namespace has its own loopback: nothing listening in one is reachable at 127.0.0.1 from the other.
+    listing = subprocess.run(["ip", "netns", "exec", ns1, "ip", "-br", "addr"], capture_output=True, text=True)
+    assert sorted(line.split()[0].split("@")[0] for line in listing.stdout.splitlines()) == ["lo", "mn0"]
+
+    run_dir = tmp_path / "run"
+    env = cli_env(GLOO_SOCKET_IFNAME="mn0", CKPT_LEDGER_CRASH_AT=KILL_RANK1_AT_SECOND_SAVE)
+    del env["MASTER_ADDR"]
+    port = 29400
+    nodes = []
+    for rank, (ns, addr) in enumerate(((ns0, addr0), (ns1, addr1))):
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--nproc-per-node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"{addr0}:{port}", "--rdzv-id", "netns", "--local-addr", addr,
+               "-m", "trainer", "--run-dir", str(run_dir), *QUICK]
+        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    done = finish_all(nodes, timeout=400)
+    assert all(r.returncode != 0 for r in done), [r.stderr[-2000:] for r in done]
+    assert committed_steps(run_dir) == [10]
+    [attempt] = view_of(run_dir).attempts
+    assert attempt.world_size == 2
+
+    # The same run, resumed on one node (the host's namespace) with two local workers.
+    resumed = run_cli("train", "--run-dir", str(run_dir), "--nproc", "2", *QUICK, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert view_of(run_dir).attempts[-1].first_step == 10
+    assert_bitwise_equal(reference, export_state(run_dir, tmp_path / "final.pt"))

@@ -219,3 +219,13 @@ def test_cli_refuses_srun_with_several_tasks_per_node_and_nproc(tmp_path, capsys
     code, _, err = run_main(["train", "--run-dir", tmp_path / "run", "--nproc", "2"], capsys)
     assert code == 2 and "srun started 4 tasks on 2 node(s)" in err and "--ntasks-per-node=1" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_restarts_on_a_shared_store_are_warned_about():
+    from trainer.launch import shared_store_restart_warning
+
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "2"}
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_restart_warning(shared)
+    assert shared_store_restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert shared_store_restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert shared_store_restart_warning({}) is None

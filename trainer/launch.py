@@ -173,11 +173,28 @@ def launch(config: dict[str, Any], *, nproc: int = 1, max_restarts: int = 0,
     """Run the job: as a worker of an external launcher, in this process, or under the elastic agent."""
     plan = plan_launch(os.environ, nproc=nproc, max_restarts=max_restarts, nodes=nodes)
     if plan.role == "worker":
+        warning = shared_store_restart_warning(os.environ)
+        if warning and os.environ.get("RANK") == "0":
+            print(f"ckpt-ledger: warning: {warning}", file=sys.stderr, flush=True)
         return run_worker(config)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if plan.role == "single":
         return run_worker(config)
     return _elastic(config, nproc=nproc, max_restarts=max_restarts, nodes=plan.nodes)
+
+
+def shared_store_restart_warning(env: Mapping[str, str]) -> str | None:
+    """Why a torchrun ``--max-restarts`` job may hang at its first restart, or ``None``.
+
+    torchrun (unlike ``ckpt-ledger train``) shares its first rendezvous store with every
+    restart round unless ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` is exported; a restarted
+    round can then read the dead round's gloo addresses and wait forever (pytorch/pytorch#135712;
+    reproduced with two torchrun nodes, see docs/scale.md).
+    """
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
+        return None
+    return (f"torchrun --max-restarts shares one store across restart rounds and a restarted round can hang "
+            f"(pytorch/pytorch#135712); export {NO_SHARED_STORE_ENV}=1 before torchrun")
 
 
 def _start_method() -> str:
