@@ -241,36 +241,43 @@ def two_netns():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_two_nodes_in_separate_network_namespaces(tmp_path, tmp_path_factory, two_netns):
     """Each node in a network namespace of its own (no shared loopback; they talk over the veth pair only),
-    with the run directory on the file system they share; then the run resumes on one node."""
+    with the run directory on the file system they share: torchrun nodes train and commit, then
+    ckpt-ledger's own nodes resume the run and finish it bitwise-exactly."""
     _, reference = reference_run(tmp_path_factory, "ddp")
     (ns0, ns1), (addr0, addr1) = two_netns
-    # Each namespace has its own loopback: nothing listening in one is reachable at 127.0.0.1 from the other.
     listing = subprocess.run(["ip", "netns", "exec", ns1, "ip", "-br", "addr"], capture_output=True, text=True)
     assert sorted(line.split()[0].split("@")[0] for line in listing.stdout.splitlines()) == ["lo", "mn0"]
-
     run_dir = tmp_path / "run"
-    env = cli_env(GLOO_SOCKET_IFNAME="mn0", CKPT_LEDGER_CRASH_AT=KILL_RANK1_AT_SECOND_SAVE)
+    env = cli_env(GLOO_SOCKET_IFNAME="mn0")
     del env["MASTER_ADDR"]
-    port = 29400
+    endpoint = f"{addr0}:29400"  # each namespace has its own port space: the port is free in both
+
+    # 1. torchrun: its host-name guess cannot tell that 10.231.N.1 is node 0's own address inside a
+    #    namespace, so node 0 is told (--rdzv-conf is_host); global rank 1 dies at its second save.
     nodes = []
     for rank, (ns, addr) in enumerate(((ns0, addr0), (ns1, addr1))):
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-               "--nproc-per-node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", f"{addr0}:{port}", "--rdzv-id", "netns", "--local-addr", addr,
+               "--nproc-per-node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+               endpoint, "--rdzv-conf", f"is_host={rank == 0}", "--rdzv-id", "netns", "--local-addr", addr,
                "-m", "trainer", "--run-dir", str(run_dir), *QUICK]
-        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))
+        nodes.append(subprocess.Popen(cmd, cwd=REPO, env={**env, "CKPT_LEDGER_CRASH_AT": KILL_RANK1_AT_SECOND_SAVE},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
     done = finish_all(nodes, timeout=400)
-    assert all(r.returncode != 0 for r in done), [r.stderr[-2000:] for r in done]
-    assert committed_steps(run_dir) == [10]
-    [attempt] = view_of(run_dir).attempts
-    assert attempt.world_size == 2
+    assert (run_dir / "ledger.db").exists(), [r.stderr[-3000:] for r in done]
+    assert all(r.returncode != 0 for r in done) and committed_steps(run_dir) == [10], [r.stderr[-2000:] for r in done]
 
-    # The same run, resumed on one node (the host's namespace) with two local workers.
-    resumed = run_cli("train", "--run-dir", str(run_dir), "--nproc", "2", *QUICK, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert view_of(run_dir).attempts[-1].first_step == 10
+    # 2. ckpt-ledger train --nnodes 2 in the same namespaces (node 0 hosts the rendezvous by --node-rank).
+    nodes = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "cli", "train", "--run-dir",
+                               str(run_dir), "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", endpoint,
+                               "--local-addr", addr, *QUICK], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for rank, (ns, addr) in enumerate(((ns0, addr0), (ns1, addr1)))]
+    done = finish_all(nodes, timeout=400)
+    assert [r.returncode for r in done] == [0, 0], [r.stderr[-3000:] for r in done]
+    view = view_of(run_dir)
+    assert [a.world_size for a in view.attempts] == [2, 2] and view.attempts[-1].first_step == 10
     assert_bitwise_equal(reference, export_state(run_dir, tmp_path / "final.pt"))
