@@ -177,11 +177,11 @@ def test_explicit_resume_of_a_missing_checkpoint_is_refused(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"save_every": 0}, "save_every must be a positive integer"),
-    ({"save_every_seconds": -1}, "save_every_seconds must be a positive number"),
+    ({"save_every_seconds": -1}, "save_every_seconds must be a positive duration"),
     ({"best_mode": "up"}, "best_mode must be 'min' or 'max'"),
     ({"codec": "lz4"}, "codec must be one of"),
     ({"keep_last": -1}, "keep_last"),
-    ({"keep_sometimes": 3}, "keep_sometimes"),
+    ({"keep_for": "soon"}, "keep_for must be a duration"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_created(tmp_path, options, message):
     with pytest.raises(BadInputError, match=message):

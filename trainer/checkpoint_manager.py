@@ -41,7 +41,15 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
 
 from ledger import LedgerError, RetentionPolicy, View
-from trainer.checkpoint_state import DCPStateDicts, StateDictIO, TrainingState
+from ledger.time_retention import parse_duration
+from trainer.checkpoint_state import (
+    DCPStateDicts,
+    StateDictIO,
+    TrainingState,
+    is_layout_error,
+    load_failure_reason,
+    unmappable_checkpoint_message,
+)
 from trainer.checkpointing import BackgroundCheckpointError, Candidate, Checkpointer, SaveOutcome
 from trainer.dcp_codec import CHECKPOINT_CODECS
 from trainer.errors import EXIT_PREEMPTED, EXIT_PROBLEM, BadInputError, StartRefusedError
@@ -62,33 +70,6 @@ class SaveResult:
     status: str
     """``committed``, ``in_flight`` (being written in the background), ``aborted`` or ``fenced``."""
     reason: str | None = None
-
-
-def is_layout_error(err: BaseException) -> bool:
-    """Whether a failed load is about the checkpoint's contents, not about a lost peer."""
-    causes = [failure[0] for failure in err.failures.values()] if isinstance(err, CheckpointException) else [err]
-    return not any(isinstance(cause, dist.DistError) for cause in causes)
-
-
-def load_failure_reason(err: BaseException) -> str:
-    """The first cause of a failed load, on one line."""
-    if isinstance(err, CheckpointException):
-        reason = "; ".join(f"{type(f[0]).__name__}: {f[0]}" for f in list(err.failures.values())[:1])
-    else:
-        reason = f"{type(err).__name__}: {err}"
-    return " ".join(reason.split())[:300]
-
-
-def unmappable_checkpoint_message(candidate: Candidate, stack: str, world_size: int, topology: dict[str, int],
-                                  err: BaseException) -> str:
-    """One line: which layout saved the checkpoint, which one could not load it and why, and what loads it."""
-    def layout(stack_name: str, world: int, topo: dict[str, int]) -> str:
-        return f"--stack {stack_name} --nproc {world} --tp {topo.get('tp', 1)} --pp {topo.get('pp', 1)}"
-
-    saved = layout(candidate.stack, candidate.world_size, candidate.topology)
-    return (f"checkpoint {candidate.checkpoint_id} (step {candidate.step}) was saved by {saved} and cannot be "
-            f"resharded to {layout(stack, world_size, topology)} ({load_failure_reason(err)}); "
-            f"resume it with {saved}")
 
 
 def _detect_stack(state: TrainingState) -> str:
@@ -113,7 +94,8 @@ class CheckpointManager:
     ``save_every``: :meth:`should_save` is true every N steps; ``save_every_seconds``:
     also once that many seconds passed since the last save (decided on rank 0, the
     same step on every rank). Retention (``keep_*``, ``keep_best`` by ``best_metric``/
-    ``best_mode``) runs through the ledger after each commit. ``async_save``: a save
+    ``best_mode``; ``keep_every_seconds``/``keep_for`` by commit time, as seconds or ``"6h"``)
+    runs through the ledger after each commit. ``async_save``: a save
     without ``block=True`` is written in the background. ``resume`` (an id, ``latest``
     or ``best``) > automatic resume > ``pretrained`` (a torch state-dict file of the
     single model in ``state``) > fresh. ``config`` describes the experiment in
@@ -124,18 +106,23 @@ class CheckpointManager:
 
     def __init__(self, run_dir: str, *, save_every: int | None = None, save_every_seconds: float | None = None,
                  keep_last: int | None = None, keep_every: int | None = None, keep_best: int | None = None,
-                 best_metric: str = "eval_loss", best_mode: str = "min", async_save: bool = True,
+                 keep_every_seconds: float | str | None = None, keep_for: float | str | None = None,
+                 keep_without_metric: bool = False, best_metric: str = "eval_loss", best_mode: str = "min", async_save: bool = True,
                  codec: str = "none", blobs: str | None = None, resume: str | None = None,
                  pretrained: str | None = None, config: Mapping[str, Any] | None = None, log_every: int = 10,
                  stack: str | None = None, topology: Mapping[str, int] | None = None,
                  state_io: StateDictIO | None = None, dist_timeout_s: float = 1800.0,
-                 preemption: PreemptionWatch | None = None, verbose: bool = True, **retention: Any) -> None:
+                 preemption: PreemptionWatch | None = None, verbose: bool = True) -> None:
         # Every argument is checked before anything is created or joined: bad input changes nothing.
         run_dir = str(run_dir) if run_dir is not None else ""
         if not run_dir:
             raise BadInputError("run_dir must be a non-empty path")
         _positive("save_every", save_every, integer=True)
-        _positive("save_every_seconds", save_every_seconds, integer=False)
+        if save_every_seconds is not None:
+            try:
+                save_every_seconds = parse_duration(save_every_seconds, name="save_every_seconds")
+            except ValueError as err:
+                raise BadInputError(str(err)) from None
         _positive("log_every", log_every, integer=True)
         if best_mode not in ("min", "max"):
             raise BadInputError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
@@ -151,8 +138,9 @@ class CheckpointManager:
             raise BadInputError("pretrained must be a path to a torch state-dict file")
         try:
             self.retention = RetentionPolicy(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best,
-                                             **retention)
-        except (TypeError, ValueError) as err:
+                                             keep_every_seconds=keep_every_seconds, keep_for=keep_for,
+                                             keep_without_metric=keep_without_metric)
+        except ValueError as err:
             raise BadInputError(str(err).split("\n")[0]) from None
         self.blobs = self._blob_location(run_dir, blobs)
         self.run_dir = run_dir
@@ -171,6 +159,8 @@ class CheckpointManager:
         Final once the manager is closed."""
         self.message: str | None = None
         """One line for the user when the attempt did not complete."""
+        self.status = "running"
+        """How the attempt ended once closed: ``completed``, ``preempted``, ``fenced`` or ``failed``."""
         self.journal: RunJournal | None = None
         self.checkpointer: Checkpointer | None = None
         self.epoch: int | None = None
@@ -328,6 +318,34 @@ class CheckpointManager:
                 self.journal.flush_steps()
         self._collect(block=False)
 
+    def record_metrics(self, step: int, **metrics: float) -> None:
+        """Record evaluation metrics (``metric.recorded``) at ``step`` (rank 0's values).
+
+        They count for ``best`` through the checkpoint saved at ``step``, if any (also one still
+        being written); :meth:`save`'s ``metrics=`` is the same for the checkpoint it takes.
+        """
+        self._require_started("record_metrics")
+        values = self._check_metrics(metrics)
+        last = self._last_save
+        checkpoint_id = last.checkpoint_id if last is not None and last.step == step and last.status in (
+            "committed", "in_flight") else None
+        if self.journal is not None:
+            for name, value in values.items():
+                self.journal.metric(name, value, step, checkpoint_id)
+
+    @property
+    def committed_step(self) -> int | None:
+        """The newest step known committed: saved by this attempt, else restored (``None``: neither)."""
+        last = self._last_save
+        if last is not None and last.status == "committed":
+            return last.step
+        return self._restored_step if self.restored_from is not None else None
+
+    @property
+    def last_saved(self) -> SaveResult | None:
+        """The newest checkpoint this attempt took, as last known (``None``: none yet)."""
+        return self._last_save
+
     def should_save(self, step: int) -> bool:
         """Whether ``step`` is due for a checkpoint (every ``save_every`` steps, or ``save_every_seconds``).
 
@@ -484,7 +502,7 @@ class CheckpointManager:
             saved = self._last_save
             if saved is not None and saved.step == last_step and saved.status != "committed":
                 self.message = f"preempted by {name} at step {last_step} but the checkpoint failed: {saved.reason}"
-                self.exit_code = EXIT_PROBLEM
+                self.exit_code, self.status = EXIT_PROBLEM, "failed"
                 if self.journal is not None:
                     self.journal.end_attempt("failed", last_step)
                 return None
@@ -493,22 +511,24 @@ class CheckpointManager:
                           f"{saved.step if saved else self._restored_step}", error=True)
             if self.journal is not None:
                 self.journal.end_attempt("preempted", last_step, signal_name=name)
-            self.exit_code = EXIT_PREEMPTED
+            self.exit_code, self.status = EXIT_PREEMPTED, "preempted"
             self.message = f"preempted by {name}; state saved at step {saved.step if saved else self._restored_step}"
             self._say(f"preempted by {name}: exiting {EXIT_PREEMPTED} (requeue me)")
-        elif self.journal is not None:
-            self.journal.end_attempt("completed", last_step)
+        else:
+            self.status = "completed"
+            if self.journal is not None:
+                self.journal.end_attempt("completed", last_step)
         if self.journal is not None and self.journal.fenced_by is not None:  # rank 0 alone learns this
             self._fenced(self.journal.fenced_by)
         return None
 
     def _fenced(self, fenced_by: int | None) -> None:
-        self.exit_code = EXIT_PROBLEM
+        self.exit_code, self.status = EXIT_PROBLEM, "fenced"
         self.message = f"fenced by epoch {fenced_by}: a newer attempt took over this run; this job stops (not restarted)"
         self._say(self.message, error=True)
 
     def _end_failed(self) -> None:
-        self.exit_code = EXIT_PROBLEM
+        self.exit_code, self.status = EXIT_PROBLEM, "failed"
         self._drain_background()
         if self.journal is not None:
             last_step = max(self._last_logged, self._restored_step or 0)

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -38,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+from trainer.checkpointing import Candidate
 from trainer.errors import BadInputError
 from trainer.train_state import capture_rng, from_bytes, rank_key, restore_rng, to_bytes
 
@@ -193,3 +196,33 @@ class TrainingState:
             raise BadInputError(f"{what} needs exactly one nn.Module in state, found "
                                 f"{len(self.modules)} ({', '.join(map(repr, self.modules)) or 'none'})")
         return next(iter(self.modules.values()))
+
+
+# -- a load that failed ----------------------------------------------------------------------------
+
+
+def is_layout_error(err: BaseException) -> bool:
+    """Whether a failed load is about the checkpoint's contents, not about a lost peer."""
+    causes = [failure[0] for failure in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+    return not any(isinstance(cause, dist.DistError) for cause in causes)
+
+
+def load_failure_reason(err: BaseException) -> str:
+    """The first cause of a failed load, on one line."""
+    if isinstance(err, CheckpointException):
+        reason = "; ".join(f"{type(f[0]).__name__}: {f[0]}" for f in list(err.failures.values())[:1])
+    else:
+        reason = f"{type(err).__name__}: {err}"
+    return " ".join(reason.split())[:300]
+
+
+def unmappable_checkpoint_message(candidate: Candidate, stack: str, world_size: int, topology: dict[str, int],
+                                  err: BaseException) -> str:
+    """One line: which layout saved the checkpoint, which one could not load it and why, and what loads it."""
+    def layout(stack_name: str, world: int, topo: dict[str, int]) -> str:
+        return f"--stack {stack_name} --nproc {world} --tp {topo.get('tp', 1)} --pp {topo.get('pp', 1)}"
+
+    saved = layout(candidate.stack, candidate.world_size, candidate.topology)
+    return (f"checkpoint {candidate.checkpoint_id} (step {candidate.step}) was saved by {saved} and cannot be "
+            f"resharded to {layout(stack, world_size, topology)} ({load_failure_reason(err)}); "
+            f"resume it with {saved}")
