@@ -169,16 +169,12 @@ class Trainer:
             preemption=self.preemption,
         )
         self.step = self.checkpoints.restore(self.state)
+        self.checkpoint_timings = self.checkpoints.timings  # what each checkpoint cost this rank (kept after close)
 
     @property
     def checkpointer(self) -> Checkpointer | None:
         """The manager's checkpointer (saves, loads, timings)."""
         return self.checkpoints.checkpointer if self.checkpoints is not None else None
-
-    @property
-    def checkpoint_timings(self) -> list:
-        """What each checkpoint cost this rank."""
-        return self.checkpoints.timings if self.checkpoints is not None else []
 
     # -- the loop -----------------------------------------------------------------------------------
 
