@@ -329,9 +329,8 @@ class CheckpointManager:
         last = self._last_save
         checkpoint_id = last.checkpoint_id if last is not None and last.step == step and last.status in (
             "committed", "in_flight") else None
-        if self.journal is not None:
-            for name, value in values.items():
-                self.journal.metric(name, value, step, checkpoint_id)
+        for name, value in values.items():  # after checkpoint.started, even while it is being written
+            self.checkpointer.record_metric(name, value, step=step, checkpoint_id=checkpoint_id)
 
     @property
     def committed_step(self) -> int | None:
@@ -394,9 +393,9 @@ class CheckpointManager:
             self._last_save = result
         else:
             result = self._take(outcome)
-        if result.status in ("committed", "in_flight") and self.journal is not None:
-            for name, value in values.items():
-                self.journal.metric(name, value, step, result.checkpoint_id)
+        if result.status in ("committed", "in_flight"):
+            for name, value in values.items():  # after checkpoint.started, even while it is being written
+                self.checkpointer.record_metric(name, value, step=step, checkpoint_id=result.checkpoint_id)
         return result
 
     def should_stop(self, step: int) -> bool:
