@@ -26,7 +26,7 @@ def gpt2_config(vocab: int, seq_len: int):
     from transformers import GPT2Config
 
     return GPT2Config(vocab_size=vocab, n_positions=seq_len, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
-                      embd_pdrop=0.0, attn_pdrop=0.0)
+                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
 
 
 def gpt2_for_trainer(config):

@@ -38,16 +38,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch.distributed as dist
-from torch.distributed.checkpoint import CheckpointException
 
 from ledger import LedgerError, RetentionPolicy, View
 from ledger.time_retention import parse_duration
-from trainer.checkpoint_state import (
+from trainer.checkpoint_state import (  # noqa: F401 - unmappable_checkpoint_message is re-exported
     DCPStateDicts,
     StateDictIO,
     TrainingState,
-    is_layout_error,
-    load_failure_reason,
+    restore_checkpoint,
     unmappable_checkpoint_message,
 )
 from trainer.checkpointing import BackgroundCheckpointError, Candidate, Checkpointer, SaveOutcome
@@ -256,26 +254,8 @@ class CheckpointManager:
         return 0
 
     def _resume(self, candidate: Candidate, entries: TrainingState) -> int:
-        # With a different world size there is no state of "this rank"; continue rank r from r mod old.
-        source_rank = self.ctx.rank % candidate.world_size
-        template = entries.template(self.state_io, source_rank=source_rank)
-        try:
-            self.checkpointer.load(candidate, template)
-            step = entries.apply(self.state_io, template, source_rank=source_rank,
-                                 checkpoint_id=candidate.checkpoint_id)
-        except BadInputError:
-            raise
-        except (CheckpointException, KeyError, ValueError, RuntimeError) as err:
-            # DCP reshards between stacks and world sizes; what it cannot map is refused with the
-            # layout that saved the checkpoint (lost peers are crashes, not refusals).
-            if not is_layout_error(err):
-                raise
-            here = (self.stack, self.ctx.world_size, self.topology)
-            if here == (candidate.stack, candidate.world_size, candidate.topology):
-                raise BadInputError(f"state does not match checkpoint {candidate.checkpoint_id} (step "
-                                    f"{candidate.step}): {load_failure_reason(err)}; restore into the model "
-                                    "that saved it or use a new run_dir") from None
-            raise BadInputError(unmappable_checkpoint_message(candidate, *here, err)) from None
+        step = restore_checkpoint(entries, self.state_io, self.checkpointer, candidate, rank=self.ctx.rank,
+                                  layout=(self.stack, self.ctx.world_size, self.topology))
         if candidate.world_size != self.ctx.world_size:
             self._say(f"world size changed {candidate.world_size} -> {self.ctx.world_size}: "
                       "resumed, but not bitwise-comparable with an unchanged run")

@@ -226,3 +226,31 @@ def unmappable_checkpoint_message(candidate: Candidate, stack: str, world_size: 
     return (f"checkpoint {candidate.checkpoint_id} (step {candidate.step}) was saved by {saved} and cannot be "
             f"resharded to {layout(stack, world_size, topology)} ({load_failure_reason(err)}); "
             f"resume it with {saved}")
+
+
+def restore_checkpoint(entries: TrainingState, io: StateDictIO, checkpointer: Any, candidate: Candidate, *,
+                       rank: int, layout: tuple[str, int, dict[str, int]]) -> int:
+    """Load a verified ``candidate`` into the live objects (collective); returns its step.
+
+    ``layout`` is ``(stack, world_size, topology)`` of this attempt. DCP reshards between
+    stacks and world sizes; what it cannot map is refused with the layout that saved the
+    checkpoint, and a state that does not fit with the key at fault (lost peers are crashes,
+    not refusals, and are raised as they are).
+    """
+    # With a different world size there is no state of "this rank"; continue rank r from r mod old.
+    source_rank = rank % candidate.world_size
+    template = entries.template(io, source_rank=source_rank)
+    try:
+        checkpointer.load(candidate, template)
+        return entries.apply(io, template, source_rank=source_rank, checkpoint_id=candidate.checkpoint_id)
+    except BadInputError:
+        raise
+    except (CheckpointException, KeyError, ValueError, RuntimeError) as err:
+        if not is_layout_error(err):
+            raise
+        if layout == (candidate.stack, candidate.world_size, candidate.topology):
+            raise BadInputError(f"state does not match checkpoint {candidate.checkpoint_id} (step "
+                                f"{candidate.step}): {load_failure_reason(err)}; restore into the model "
+                                "that saved it or use a new run_dir") from None
+        raise BadInputError(unmappable_checkpoint_message(candidate, *layout, err)) from None
+
