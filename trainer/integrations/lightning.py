@@ -99,7 +99,9 @@ class LedgerCheckpoint(_pl.callbacks.Checkpoint):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        self._stack = f"lightning-{getattr(strategy, 'strategy_name', type(strategy).__name__)}"
+        # Registered strategies carry a short name; others (DDPStrategy, FSDPStrategy) are named after their class.
+        name = getattr(strategy, "strategy_name", None) or type(strategy).__name__.removesuffix("Strategy").lower()
+        self._stack = f"lightning-{name}"
 
     def _begin_attempt(self, trainer: Any) -> None:
         # Begun once Lightning has restored (not in setup): trainer.ckpt_path is then what fit() loaded,
