@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -188,9 +188,12 @@ def test_nothing_to_resume_is_none_and_creates_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "fresh").exists()
 
 
-def test_missing_transformers_names_the_extra_to_install() -> None:
-    code = "import sys; sys.modules['transformers'] = None\nimport trainer.integrations.transformers"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                         env={**os.environ})
-    assert out.returncode != 0
-    assert "pip install 'ckpt-ledger[transformers]'" in out.stderr.strip().splitlines()[-1]
+def test_missing_transformers_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.integrations import MissingFrameworkError
+
+    for name in ['transformers']:
+        monkeypatch.setitem(sys.modules, name, None)  # what an environment without the extra looks like
+    monkeypatch.delitem(sys.modules, "trainer.integrations.transformers")
+    with pytest.raises(MissingFrameworkError) as err:
+        importlib.import_module("trainer.integrations.transformers")
+    assert str(err.value) == "transformers is not installed; install it with: pip install 'ckpt-ledger[transformers]'"

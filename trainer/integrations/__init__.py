@@ -29,5 +29,5 @@ def require(module: str, extra: str) -> ModuleType:
         if err.name is not None and err.name.split(".")[0] != module.split(".")[0]:
             raise  # the framework is there but one of *its* dependencies is missing: show the real error
         raise MissingFrameworkError(
-            f"{module} is not installed; install it with: pip install 'ckpt-ledger[{extra}]'"
+            f"{module.split('.')[0]} is not installed; install it with: pip install 'ckpt-ledger[{extra}]'"
         ) from None
