@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ledger import Attempt, CorruptBlobError, Ledger, RetentionPolicy, View
+from ledger import LEDGER_FILE, Attempt, CorruptBlobError, Ledger, RetentionPolicy, View
 from ledger.blobs import fsync_dir
 from ledger.events import AttemptEnded, CorruptionDetected, MetricRecorded, PreemptionSignalled, ShardWritten, StepCompleted
 from ledger.projection import CheckpointState
-from ledger.store import LEDGER_FILE
 from trainer.errors import EXIT_PREEMPTED
 from trainer.identity import code_id, config_hash
 from trainer.process_group import slurm_facts
