@@ -57,9 +57,16 @@ def start_example(run_dir: Path, *args: str, env: dict | None = None) -> subproc
                             env={**os.environ, **(env or {})})
 
 
-def wait_for_commits(proc: subprocess.Popen, run_dir: Path, n: int, timeout: float = 180) -> None:
+def last_step(run_dir: Path) -> int:
+    with Ledger.open(run_dir, read_only=True) as led:
+        return led.projection().last_step or 0
+
+
+def wait_for_commits(proc: subprocess.Popen, run_dir: Path, n: int, *, past_last: bool = False,
+                     timeout: float = 180) -> None:
+    """Until ``n`` checkpoints are committed (and, with ``past_last``, steps after the newest are recorded)."""
     deadline = time.monotonic() + timeout
-    while len(committed_steps(run_dir)) < n:
+    while len(steps := committed_steps(run_dir)) < n or (past_last and last_step(run_dir) <= steps[-1]):
         assert proc.poll() is None, f"job ended early ({proc.returncode}):\n{proc.stdout.read()}"
         assert time.monotonic() < deadline, "no checkpoints committed in time"
         time.sleep(0.2)
@@ -110,8 +117,8 @@ def flip_byte(path: Path, offset: int = 100) -> None:
 
 def test_sigkilled_job_rerun_resumes_from_the_ledger_target_and_finishes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    job = start_example(run_dir, "--steps", "40", "--every", "10", "--step-sleep", "0.05")
-    wait_for_commits(job, run_dir, 2)
+    job = start_example(run_dir, "--steps", "60", "--every", "10", "--step-sleep", "0.1")
+    wait_for_commits(job, run_dir, 2, past_last=True)
     job.send_signal(signal.SIGKILL)
     job.wait(timeout=60)
 
@@ -120,7 +127,7 @@ def test_sigkilled_job_rerun_resumes_from_the_ledger_target_and_finishes(tmp_pat
     resume_path = LedgerCheckpoint.resume_path(run_dir)
     assert resume_path == str(run_dir / "blobs" / target["checkpoint_id"] / "e1" / "model.ckpt")
 
-    rerun = start_example(run_dir, "--steps", "40", "--every", "10")
+    rerun = start_example(run_dir, "--steps", "60", "--every", "10")
     out, _ = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, out
     assert f"Restoring states from the checkpoint path at {resume_path}" in out
@@ -134,8 +141,11 @@ def test_sigkilled_job_rerun_resumes_from_the_ledger_target_and_finishes(tmp_pat
     with Ledger.open(run_dir, read_only=True) as led:
         second_steps = [e.event.step for e in led.events(tags=["step.completed"]) if e.epoch == 2]
     assert second_steps[0] == target["step"] + 1
-    assert view["resume"]["step"] == 40 and view["last_step"] == 40
-    assert 0 < view["goodput"] <= 1.0
+    assert view["resume"]["step"] == 60 and view["last_step"] == 60
+    # Steps the killed attempt ran past its last checkpoint were lost, and goodput says so.
+    assert first["last_step"] > target["step"] and 0 < view["goodput"] < 1.0
+    timeline = cli("timeline", str(run_dir), "--out", str(tmp_path / "timeline.svg"))
+    assert timeline.returncode == 0, timeline.stderr
     audit = cli("audit", str(run_dir), "--verify-blobs")
     assert audit.returncode == 0, audit.stdout + audit.stderr
 

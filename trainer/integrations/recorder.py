@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,10 @@ from trainer.errors import EXIT_PREEMPTED
 from trainer.identity import code_id, config_hash
 from trainer.process_group import slurm_facts
 
-#: ``step.completed`` events are buffered and appended in batches of this many (and at every checkpoint).
+#: ``step.completed`` events are buffered and appended in batches: at this many, after this many
+#: seconds, and at every checkpoint — so work lost to a kill still shows in goodput, at one append a second.
 STEP_BATCH = 50
+STEP_FLUSH_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,7 @@ class CheckpointRecorder:
         self.saved_steps: dict[int, str] = {}
         """Checkpoint id of each step this attempt committed."""
         self._steps: list[StepCompleted] = []
+        self._flushed_at = time.monotonic()
 
     # -- the attempt -------------------------------------------------------------------------
 
@@ -202,12 +206,16 @@ class CheckpointRecorder:
     def step_completed(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
         """Buffer a ``step.completed`` (appended in batches; non-finite values are left out)."""
         finite = {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(v)}
+        if self._steps and self._steps[-1].step == step:  # more metrics of a step already buffered
+            finite = {**self._steps[-1].metrics, **finite}
+            self._steps.pop()
         self._steps.append(StepCompleted(step=step, metrics=finite))
-        if len(self._steps) >= STEP_BATCH:
+        if len(self._steps) >= STEP_BATCH or time.monotonic() - self._flushed_at >= STEP_FLUSH_SECONDS:
             self.flush_steps()
 
     def flush_steps(self) -> None:
         """Append the buffered steps in one transaction."""
+        self._flushed_at = time.monotonic()
         if self._steps:
             batch, self._steps = self._steps, []
             self._led().append_many(batch, epoch=self.epoch)
