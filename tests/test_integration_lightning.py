@@ -19,7 +19,7 @@ L = pytest.importorskip("lightning", reason="needs pip install 'ckpt-ledger[ligh
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from ledger import Ledger  # noqa: E402
+from ledger import FencedError, Ledger  # noqa: E402
 from trainer.integrations.lightning import LedgerCheckpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,6 +223,26 @@ def test_retention_keeps_exactly_last_k_and_the_best_even_when_old(tmp_path: Pat
     assert (20, "step000020-e1") in metrics
     audit = cli("audit", str(run_dir), "--verify-blobs")
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_a_newer_attempt_fences_the_running_job_which_stops_recording(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+
+    class SecondJobStarts(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 15:
+                with Ledger.open(run_dir) as other:
+                    other.begin_attempt(stack="another-job")
+
+    cb = LedgerCheckpoint(run_dir, every_n_train_steps=10)
+    trainer = L.Trainer(max_steps=40, callbacks=[SecondJobStarts(), cb], default_root_dir=run_dir, **QUIET)
+    with pytest.raises(FencedError, match="epoch 2"):
+        trainer.fit(Quadratic(), loader())
+    with Ledger.open(run_dir, read_only=True) as led:
+        stored = led.events()
+    second_began = next(e.seq for e in stored if e.tag == "attempt.started" and e.event.epoch == 2)
+    assert not [e for e in stored if e.seq > second_began and e.epoch == 1]  # nothing recorded once fenced
+    assert [c.step for c in led.projection().checkpoints.values()] == [10]
 
 
 def test_nothing_to_resume_is_none_and_creates_nothing(tmp_path: Path) -> None:

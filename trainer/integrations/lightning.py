@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ledger import RetentionPolicy
+from ledger import FencedError, RetentionPolicy
 from trainer.integrations import require
 from trainer.integrations.recorder import CheckpointRecorder, find_resume_target
 from trainer.integrations.signals import PreemptionFlag
@@ -161,7 +161,8 @@ class LedgerCheckpoint(_pl.callbacks.Checkpoint):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._flag.uninstall()
-        if trainer.is_global_zero and self.recorder.attempt is not None and self.recorder.ended is None:
+        fenced = isinstance(exception, FencedError)  # a newer attempt owns the run: record nothing more
+        if trainer.is_global_zero and self.recorder.attempt is not None and self.recorder.ended is None and not fenced:
             if isinstance(exception, _SIGTERMException):
                 # Stopped outside a training step (e.g. during validation): nothing new was saved.
                 self.recorder.end_attempt("preempted", trainer.global_step, signal_name="SIGTERM")

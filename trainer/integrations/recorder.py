@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ledger import LEDGER_FILE, Attempt, CorruptBlobError, Ledger, RetentionPolicy, View
+from ledger import LEDGER_FILE, Attempt, CorruptBlobError, FencedError, Ledger, RetentionPolicy, View
 from ledger.blobs import fsync_dir
 from ledger.events import AttemptEnded, CorruptionDetected, MetricRecorded, PreemptionSignalled, ShardWritten, StepCompleted
 from ledger.projection import CheckpointState
@@ -196,10 +196,14 @@ class CheckpointRecorder:
     def close(self) -> None:
         """Flush buffered steps and release the ledger."""
         if self.ledger is not None:
-            if self.ended is None:
-                self.flush_steps()
-            self.ledger.close()
-            self.ledger = None
+            try:
+                if self.ended is None:
+                    self.flush_steps()
+            except FencedError:
+                pass  # a newer attempt owns the run: these steps must not be recorded
+            finally:
+                self.ledger.close()
+                self.ledger = None
 
     # -- steps and metrics ---------------------------------------------------------------------
 

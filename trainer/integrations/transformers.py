@@ -101,8 +101,12 @@ class LedgerCallback(_hf.TrainerCallback):
             self.recorder.begin_attempt(world_size=args.world_size, stack=self._stack, resumed_from_path=resumed)
         self._flag.install()
 
+    def _recording(self, state: Any) -> bool:
+        """Rank 0 inside ``train()`` (``evaluate()`` on its own begins no attempt and records nothing)."""
+        return state.is_world_process_zero and self.recorder.attempt is not None and self.recorder.ended is None
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
+        if self._recording(state):
             self.recorder.step_completed(state.global_step)
         if self._flag.received is not None:
             # Save at this step boundary and stop; the attempt is recorded preempted once the save is committed.
@@ -117,12 +121,12 @@ class LedgerCallback(_hf.TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
                **kwargs: Any) -> None:
-        if state.is_world_process_zero and logs and isinstance(logs.get("loss"), (int, float)):
+        if self._recording(state) and logs and isinstance(logs.get("loss"), (int, float)):
             self.recorder.step_completed(state.global_step, {"loss": float(logs["loss"])})
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                     **kwargs: Any) -> None:
-        if not state.is_world_process_zero or not metrics:
+        if not self._recording(state) or not metrics:
             return
         measured = {name: float(value) for name, value in metrics.items()
                     if name.startswith("eval_") and isinstance(value, (int, float)) and not name.endswith(_NOT_METRICS)}
@@ -130,7 +134,7 @@ class LedgerCallback(_hf.TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _wait_for_every_rank(args)  # each rank writes its own RNG state file into the checkpoint
-        if state.is_world_process_zero:
+        if self._recording(state):
             step = state.global_step
             staged = Path(args.output_dir) / f"checkpoint-{step}"
             checkpoint_id = self.recorder.begin_checkpoint(step, world_size=args.world_size, stack=self._stack)
