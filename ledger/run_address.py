@@ -55,6 +55,11 @@ class PostgresRun:
     def __str__(self) -> str:
         return self.url()
 
+    @property
+    def name(self) -> str:
+        """The run's name (like a run directory's ``Path.name``), or the database's when no run is named."""
+        return self.run if self.run is not None else self.dbname
+
     def url(self, *, with_run: bool = True) -> str:
         """The canonical URL, without any password (safe to print and record)."""
         netloc = ""
