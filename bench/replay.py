@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -23,12 +22,12 @@ from bench.harness import Context, Record, benchmark, interleaved, median, sprea
 from ledger import Ledger
 from ledger.events import CheckpointCommitted, CheckpointStarted, MetricRecorded, ShardWritten, StepCompleted
 from ledger.projection import encode_state, fold
-from ledger.store import read_events
+from ledger.store import raw
 
 N_EVENTS = 1_000_000
 CKPT_EVERY = 1_000
 BATCH = 50_000
-_FORMAT_SOURCES = ("ledger/events/types.py", "ledger/events/codec.py", "ledger/store.py")
+_FORMAT_SOURCES = ("ledger/events/types.py", "ledger/events/codec.py", "ledger/store/format.py")
 
 
 def _events(first_step: int, epoch: int):
@@ -80,7 +79,7 @@ def cached_log(ctx: Context, n_events: int) -> Path:
 
 def plain_json_rows(db: Path) -> int:
     """The baseline: every payload in seq order through ``json.loads``."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)
+    conn = raw.connect(f"file:{db}?mode=ro&immutable=1", uri=True)
     try:
         n = 0
         cursor = conn.execute("SELECT payload FROM events ORDER BY seq")
@@ -97,7 +96,7 @@ def _check_fast_path_matches(run_dir: Path) -> None:
     """The fast path must fold exactly what the per-event reference fold does (checked on a prefix)."""
     led = Ledger.open(run_dir, read_only=True)
     at = 120_000
-    reference = led._log.query(lambda c: fold(read_events(c, until_seq=at)))  # noqa: SLF001 - a check, not a use
+    reference = fold(led.iter_events(until=at))
     if encode_state(reference) != encode_state(led.full_replay(at=at)):
         raise RuntimeError("full_replay() differs from the per-event fold")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from ledger import retention
 from ledger.blobs import LocalBlobStore
@@ -24,19 +23,16 @@ from ledger.events import (
     ShardWritten,
 )
 from ledger.faults import crash_point
-from ledger.projection import PROJECTION_VERSION, State, decode_state, encode_state, fold_chunks
+from ledger.health import LedgerHealth, protocol_anomalies, snapshot_anomaly, store_anomalies
+from ledger.projection import PROJECTION_VERSION, AttemptState, State, decode_state, encode_state, fold_chunks
 from ledger.store import (
-    LEDGER_FILE,
     OPERATOR_EPOCH,
-    LogReader,
-    LogWriter,
+    LedgerStore,
+    Snapshot,
     StoredEvent,
-    checkpoint_events,
-    iter_event_chunks,
-    latest_snapshot,
-    latest_snapshot_seq,
-    max_seq,
-    read_events,
+    StoreReader,
+    open_store,
+    read_consistent,
 )
 from ledger.view import View
 
@@ -45,6 +41,9 @@ SNAPSHOT_EVERY = 5000
 #: ``close()`` stores a snapshot if at least this many events came after the last one, so
 #: the next cold open (a restarting job, ``inspect``) folds only a short tail.
 SNAPSHOT_ON_CLOSE = 500
+
+#: Sequence numbers read per transaction by :meth:`Ledger.iter_events`.
+PAGE = 2000
 
 #: Facts after which a checkpoint can never be committed (a pin, alias or metric does not end it).
 _ENDS_IN_FLIGHT = frozenset({
@@ -65,10 +64,10 @@ class Attempt:
 class Ledger:
     """One run's ledger. Open with :meth:`open`; writers and read-only readers share this API."""
 
-    def __init__(self, run_dir: Path, log: LogWriter | LogReader, read_only: bool) -> None:
+    def __init__(self, run_dir: Path, store: LedgerStore, read_only: bool) -> None:
         self.run_dir = run_dir
         self.read_only = read_only
-        self._log = log
+        self._store = store
         self.blobs = LocalBlobStore(run_dir)
         self._cache: tuple[int, bytes] | None = None  # (seq, encoded state) of the newest projection
         self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)
@@ -77,33 +76,39 @@ class Ledger:
     def open(cls, run_dir: str | os.PathLike[str], *, read_only: bool = False) -> "Ledger":
         """Open ``RUN_DIR/ledger.db``. Writers create it if missing; read-only never creates or changes a file."""
         run_dir = Path(run_dir)
-        path = run_dir / LEDGER_FILE
-        log: LogWriter | LogReader = LogReader(path) if read_only else LogWriter(path)
-        return cls(run_dir, log, read_only)
+        return cls(run_dir, open_store(run_dir, read_only=read_only), read_only)
 
     @property
     def path(self) -> Path:
         """The ledger database file."""
-        return self._log.path
+        return Path(self._store.location)
+
+    @property
+    def store(self) -> LedgerStore:
+        """The storage backend (for backend-specific diagnostics; everything else goes through this class)."""
+        return self._store
 
     def close(self) -> None:
         """Release the database connection (writers only hold one), snapshotting a long unsnapshotted tail first."""
-        if isinstance(self._log, LogWriter):
+        if not self.read_only:
             try:
                 self._snapshot_if_behind(SNAPSHOT_ON_CLOSE)
             except LedgerError:
                 pass  # a snapshot is only a cache: failing to store one must not make close() fail
-            self._log.close()
+        self._store.close()
+
+    def _read(self, fn: Any) -> Any:
+        return read_consistent(self._store, fn)
 
     def _snapshot_if_behind(self, threshold: int) -> None:
-        def behind(conn: sqlite3.Connection) -> int:
-            newest = max_seq(conn)
-            return newest - latest_snapshot_seq(conn, at_most=newest, projection_version=PROJECTION_VERSION)
+        def behind(reader: StoreReader) -> int:
+            newest = reader.max_seq()
+            return newest - reader.snapshot_seq(at_most=newest, projection_version=PROJECTION_VERSION)
 
-        if self._log.query(behind) >= threshold:
+        if self._read(behind) >= threshold:
             self.projection()  # folds from the in-memory cache and refreshes it
             seq, state = self._cache  # type: ignore[misc]
-            self._writer().save_snapshot(seq, PROJECTION_VERSION, state)
+            self._writer().save_snapshot(Snapshot(seq=seq, projection_version=PROJECTION_VERSION, state=state))
             self._snapshot_seq = seq
 
     def __enter__(self) -> "Ledger":
@@ -114,10 +119,10 @@ class Ledger:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _writer(self) -> LogWriter:
-        if not isinstance(self._log, LogWriter):
+    def _writer(self) -> LedgerStore:
+        if self.read_only:
             raise LedgerError(f"{self.path} was opened read-only; open it with read_only=False to append")
-        return self._log
+        return self._store
 
     def append(self, event: Event, *, epoch: int | None = None, event_id: str | None = None) -> int:
         """Append one event under ``epoch`` (``None``: an operator write outside any attempt). Returns its seq.
@@ -139,8 +144,8 @@ class Ledger:
         """Record the run's identity once; later calls return the stored ``run.started``."""
         self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id),
                     event_id="run.started")
-        stored = self._writer().query(lambda c: read_events(c, tags=["run.started"]))
-        return stored[0].event  # type: ignore[return-value]
+        (stored,) = self._read(lambda reader: list(reader.events(tags=["run.started"], limit=1)))
+        return stored.event  # type: ignore[return-value]
 
     def begin_attempt(
         self,
@@ -177,10 +182,10 @@ class Ledger:
         event = CheckpointStarted(checkpoint_id=checkpoint_id, step=step, ranks=sorted(set(ranks)),
                                   world_size=world_size, stack=stack, topology=dict(topology or {}))
 
-        def make_started(conn: sqlite3.Connection) -> CheckpointStarted:
+        def make_started(about: Sequence[StoredEvent]) -> CheckpointStarted:
             # Ids are never reused: another attempt's save under this id (even a dead one's)
             # would otherwise be mistaken for ours, and retention could delete it under us.
-            for stored in checkpoint_events(conn, checkpoint_id):
+            for stored in about:
                 if isinstance(stored.event, CheckpointStarted):
                     raise DuplicateCheckpointError(
                         f"checkpoint id {checkpoint_id!r} was already begun by attempt {stored.epoch} (seq "
@@ -189,7 +194,8 @@ class Ledger:
             return event
 
         # The epoch in the event id makes a retry by the same attempt a no-op.
-        return self._writer().append_computed(make_started, epoch=epoch, event_id=f"{checkpoint_id}:started:e{epoch}")
+        return self._writer().append_checked(make_started, checkpoint_id=checkpoint_id, epoch=epoch,
+                                             event_id=f"{checkpoint_id}:started:e{epoch}")
 
     def record_shards(self, checkpoint_id: str, shards: Sequence[ShardWritten], *, epoch: int) -> list[int]:
         """Record durably written shard files (one ``shard.written`` each, in one transaction)."""
@@ -207,9 +213,9 @@ class Ledger:
         The check runs inside the commit's own transaction, so nothing (an abort, a
         newer attempt) can slip in between the check and the commit.
         """
-        def make_commit(conn: sqlite3.Connection) -> CheckpointCommitted:
+        def make_commit(about: Sequence[StoredEvent]) -> CheckpointCommitted:
             started, started_epoch, shards, ended = None, None, {}, None
-            for stored in checkpoint_events(conn, checkpoint_id):
+            for stored in about:
                 ev = stored.event
                 if isinstance(ev, CheckpointStarted):
                     started, started_epoch = ev, stored.epoch
@@ -237,7 +243,8 @@ class Ledger:
             return CheckpointCommitted(checkpoint_id=checkpoint_id, step=started.step)
 
         crash_point("ledger.before_commit")
-        seq = self._writer().append_computed(make_commit, epoch=epoch, event_id=f"{checkpoint_id}:committed")
+        seq = self._writer().append_checked(make_commit, checkpoint_id=checkpoint_id, epoch=epoch,
+                                            event_id=f"{checkpoint_id}:committed")
         crash_point("ledger.after_commit")
         return seq
 
@@ -271,19 +278,55 @@ class Ledger:
 
     def events(self, *, after_seq: int = 0, until_seq: int | None = None,
                tags: Sequence[str] | None = None) -> list[StoredEvent]:
-        """Stored events in log order, optionally a range and only some tags."""
-        return self._log.query(lambda c: read_events(c, after_seq=after_seq, until_seq=until_seq, tags=tags))
+        """Stored events in log order, optionally a range and only some tags (all in memory: see :meth:`iter_events`)."""
+        return self._read(lambda r: list(r.events(after=after_seq, until=until_seq, tags=tags)))
+
+    def iter_events(self, *, after: int = 0, until: int | None = None, tags: Sequence[str] | None = None,
+                    page: int = PAGE) -> Iterator[StoredEvent]:
+        """Events with ``after < seq <= until`` (only ``tags`` if given), in log order, read ``page`` seqs at a time.
+
+        A big log is never held in memory, and the first event arrives at once. The log
+        is append-only, so pages read in separate transactions still form one
+        consistent prefix (the newest seq is fixed when iteration starts).
+        """
+        if page < 1:
+            raise ValueError(f"page must be >= 1, got {page}")
+        newest = self.max_seq()
+        end = newest if until is None else min(until, newest)
+        while after < end:
+            upto = min(after + page, end)
+            yield from self.events(after_seq=after, until_seq=upto, tags=tags)
+            after = upto
+
+    def event_at(self, seq: int) -> StoredEvent | None:
+        """The event stored at ``seq`` (``None`` past the end of the log)."""
+        found = self._read(lambda r: list(r.events(after=seq - 1, until=seq)))
+        return found[0] if found else None
+
+    def last_events(self, attempts: Iterable[AttemptState]) -> dict[int, StoredEvent]:
+        """The newest event of each attempt (by epoch), read in one transaction (an attempt's ``last_seq``)."""
+        wanted = {a.epoch: a.last_seq for a in attempts}
+
+        def read(reader: StoreReader) -> dict[int, StoredEvent]:
+            found = {}
+            for epoch, seq in wanted.items():
+                stored = next(reader.events(after=seq - 1, until=seq), None)
+                if stored is not None:
+                    found[epoch] = stored
+            return found
+
+        return self._read(read) if wanted else {}
 
     def max_seq(self) -> int:
         """The newest sequence number (0 when empty)."""
-        return self._log.query(max_seq)
+        return self._read(lambda r: r.max_seq())
 
     def projection(self, at: int | None = None, *, best_rule: BestRule | None = None) -> View:
         """The run as of sequence ``at`` (default: now): snapshot + tail, folded."""
         if at is not None and at < 0:
             raise ValueError(f"sequence number must be >= 0, got {at}")
-        state, seq, folded, snapshot_seq = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
-        if at is None and isinstance(self._log, LogWriter):
+        state, seq, folded, snapshot_seq = self._read(lambda r: self._fold_to(r, at))
+        if at is None and not self.read_only:
             # Cache the encoded state (bytes, immutable) so the next call folds only the tail.
             if folded or self._cache is None or self._cache[0] != seq:
                 self._cache = (seq, encode_state(state))
@@ -292,27 +335,42 @@ class Ledger:
             if self._snapshot_seq is None:
                 self._snapshot_seq = snapshot_seq
             if seq - self._snapshot_seq >= SNAPSHOT_EVERY:
-                self._log.save_snapshot(seq, PROJECTION_VERSION, self._cache[1])
+                self._store.save_snapshot(Snapshot(seq=seq, projection_version=PROJECTION_VERSION, state=self._cache[1]))
                 self._snapshot_seq = seq
         return View(state, best_rule)
 
-    def _fold_to(self, conn: sqlite3.Connection, at: int | None) -> tuple[State, int, int, int]:
+    def _fold_to(self, reader: StoreReader, at: int | None) -> tuple[State, int, int, int]:
         """Fold up to ``at``: returns (state, its seq, events folded, seq of the newest stored snapshot)."""
-        newest = max_seq(conn)
+        newest = reader.max_seq()
         target = newest if at is None else min(at, newest)
         start_seq, start = 0, None
         if self._cache is not None and self._cache[0] <= target:
             start_seq, start = self._cache
-        snapshot_seq = latest_snapshot_seq(conn, at_most=target, projection_version=PROJECTION_VERSION)
+        snapshot_seq = reader.snapshot_seq(at_most=target, projection_version=PROJECTION_VERSION)
         if snapshot_seq > start_seq:  # read the (possibly large) snapshot only when it is the better start
-            snap = latest_snapshot(conn, at_most=target, projection_version=PROJECTION_VERSION)
+            snap = reader.snapshot(at_most=target, projection_version=PROJECTION_VERSION)
             if snap is not None:
-                start_seq, start = snap
+                start_seq, start = snap.seq, snap.state
         state = decode_state(start) if start is not None else State()
-        state = fold_chunks(iter_event_chunks(conn, after_seq=start_seq, until_seq=target), state)
+        state = fold_chunks(reader.chunks(after=start_seq, until=target), state)
         state.seq = target
         return state, target, target - start_seq, snapshot_seq
 
     def full_replay(self, at: int | None = None) -> State:
         """Fold the whole log from seq 1, ignoring snapshots and caches (for checks and tests)."""
-        return self._log.query(lambda c: fold_chunks(iter_event_chunks(c, until_seq=at)))
+        return self._read(lambda r: fold_chunks(r.chunks(until=at)))
+
+    def health(self, *, thorough: bool = False) -> LedgerHealth:
+        """Check the ledger itself (never the blobs): the store's integrity, its caches against a replay,
+        and the protocol violations in the log. ``thorough`` runs the slow full database check."""
+        store = self._read(lambda reader: reader.health(thorough=thorough))
+        view = self.projection()
+        state = view.state
+        anomalies = store_anomalies(store, str(self.path))
+        has_snapshots = self._read(lambda r: r.snapshot_count(projection_version=PROJECTION_VERSION))
+        if has_snapshots and state.seq:
+            replayed = self.full_replay(at=state.seq)
+            replayed.seq = state.seq
+            anomalies += snapshot_anomaly(state, replayed)
+        anomalies += protocol_anomalies(state)
+        return LedgerHealth(seq=view.seq, store=store, anomalies=anomalies)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from ledger import CorruptLedgerError, Ledger, SchemaTooNewError, UnknownEventError
 from ledger.events import ShardWritten, StepCompleted
+from ledger.store import raw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,27 +53,27 @@ def append_garbage(db: Path) -> None:
 
 
 def newer_format(db: Path) -> None:
-    conn = sqlite3.connect(db)
+    conn = raw.connect(db)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
 
 
 def unknown_tag(db: Path) -> None:
-    conn = sqlite3.connect(db)
+    conn = raw.connect(db)
     conn.execute("UPDATE events SET tag = 'checkpoint.teleported' WHERE seq = 3")
     conn.commit()
     conn.close()
 
 
 def newer_schema(db: Path) -> None:
-    conn = sqlite3.connect(db)
+    conn = raw.connect(db)
     conn.execute("UPDATE events SET schema_version = 7 WHERE seq = 4")
     conn.commit()
     conn.close()
 
 
 def garbled_payload(db: Path) -> None:
-    conn = sqlite3.connect(db)
+    conn = raw.connect(db)
     conn.execute("UPDATE events SET payload = '{\"tag\":\"step.completed\",\"step\":\"many\"}' WHERE seq = 5")
     conn.commit()
     conn.close()
@@ -122,7 +122,7 @@ def test_missing_wal_with_committed_frames_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     make_run(run_dir)
     # Simulate a crashed writer: copy the live -wal/-shm pair while a connection holds them open.
-    holder = sqlite3.connect(run_dir / "ledger.db")
+    holder = raw.connect(run_dir / "ledger.db")
     holder.execute("PRAGMA wal_autocheckpoint = 0")
     holder.execute("INSERT INTO meta (key, value) VALUES ('probe', 'x')")
     holder.commit()
