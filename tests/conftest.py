@@ -105,5 +105,17 @@ _databases = iter(range(1, 1_000_000))
 
 @pytest.fixture
 def pg_database(pg_server) -> str:
-    """The URL (no run) of a fresh, empty database on the session's server."""
+    """The URL (no run) of a fresh, empty database on the session's server (~1 s: prefer ``pg_run_url``)."""
     return pg_server.create_database(f"t{os.getpid()}_{next(_databases)}")
+
+
+@pytest.fixture(scope="session")
+def pg_shared_database(pg_server) -> str:
+    """The URL of one ledger database shared by the session's tests (each uses runs of its own)."""
+    return pg_server.create_database(f"shared{os.getpid()}")
+
+
+@pytest.fixture
+def pg_run_url(pg_shared_database) -> str:
+    """``postgresql://…/DB?run=NAME`` of a run no other test uses, in the session's shared database."""
+    return f"{pg_shared_database}?run=t{next(_databases)}"
