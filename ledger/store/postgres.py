@@ -307,6 +307,7 @@ class PostgresStore:
         self.location = str(address)
         self.read_only = read_only
         self._lock = threading.RLock()
+        self._listener: psycopg.Connection | None = None  # LISTENs for appends (wait_for_append)
         self._conn: psycopg.Connection | None = connect(address, read_only=read_only)
         try:
             with postgres_errors(self.location, "open the ledger"):
@@ -335,10 +336,11 @@ class PostgresStore:
     def close(self) -> None:
         """Close the connection. Idempotent."""
         with self._lock:
-            if self._conn is not None:
-                with contextlib.suppress(psycopg.Error):
-                    self._conn.close()
-                self._conn = None
+            for conn in (self._conn, self._listener):
+                if conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.close()
+            self._conn = self._listener = None
 
     def _live_conn(self) -> psycopg.Connection:
         if self._conn is None:
@@ -364,17 +366,18 @@ class PostgresStore:
     def wait_for_append(self, timeout: float) -> None:
         """Block until an append to this run commits or ``timeout`` seconds pass (whichever is first).
 
-        Uses LISTEN/NOTIFY; a missed notification only delays the caller until the timeout.
+        LISTEN/NOTIFY on a connection of its own (notifications queue there while this
+        handle reads). The first call only starts listening and returns at once, so the
+        caller's next read covers anything committed before the LISTEN.
         """
         with postgres_errors(self.location, "wait for new events"):
-            with self._lock:
-                conn = self._live_conn()
-                if not getattr(self, "_listening", False):
-                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    self._listening = True
+            if self._listener is None:
+                self._listener = connect(self.address, read_only=True)
+                self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                return
             deadline = time.monotonic() + timeout
             while (left := deadline - time.monotonic()) > 0:
-                for note in conn.notifies(timeout=left, stop_after=1):
+                for note in self._listener.notifies(timeout=left, stop_after=1):
                     if note.payload == self.run:
                         return
 
