@@ -92,3 +92,12 @@ def test_a_database_url_without_run_when_allowed() -> None:
     assert db.for_run("r2").run == "r2"
     with pytest.raises(RunAddressError):
         db.for_run("bad name with spaces")
+
+
+def test_trainer_config_refuses_a_run_url_with_a_password() -> None:
+    from trainer.config import TrainerConfig
+
+    with pytest.raises(ValueError, match="PGPASSWORD") as info:
+        TrainerConfig(run_dir="postgresql://alice:s3cret-pw@db/ledger?run=r1")
+    assert "s3cret-pw" not in str(info.value)
+    assert TrainerConfig(run_dir="postgresql://alice@db/ledger?run=r1").run_dir.endswith("?run=r1")
