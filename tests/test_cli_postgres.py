@@ -120,3 +120,45 @@ def test_tail_follow_prints_what_another_process_appends(pg_run_url):
     finally:
         tail.send_signal(signal.SIGINT)
         assert tail.wait(timeout=30) == 0, tail.stderr.read()
+
+
+def test_runs_lists_every_run_as_inspect_sees_it_and_writes_nothing(tmp_path, pg_server, pg_database, capsys):
+    healthy, crashed = build_healthy_run(tmp_path / "healthy"), build_crashed_run(tmp_path / "crashed")
+    copy_run(healthy.run_dir, f"{pg_database}?run=healthy")
+    copy_run(crashed.run_dir, f"{pg_database}?run=team/crashed")
+    with Ledger.open(f"{pg_database}?run=fresh") as led:
+        led.start_run(run_id="fresh", config={})
+    xid = next_xid(pg_server)
+    code, out, err = run_main(["runs", pg_database, "--json"], capsys)
+    assert code == 0, err
+    listed = json.loads(out)
+    assert listed["database"] == pg_database
+    assert [r["run"] for r in listed["runs"]] == ["fresh", "healthy", "team/crashed"]
+    for row in listed["runs"]:
+        code, out, err = run_main(["inspect", row["url"], "--json"], capsys)
+        view = json.loads(out)
+        assert row["last_step"] == view["last_step"] and row["goodput"] == view["goodput"]
+        assert row["resume"] == ({"checkpoint_id": view["resume"]["checkpoint_id"], "step": view["resume"]["step"]}
+                                 if view["resume"] else None)
+        assert row["status"] == (view["attempts"][-1]["status"] if view["attempts"] else "not started")
+        assert row["attempts"] == len(view["attempts"])
+    assert listed["runs"][1]["resume"]["checkpoint_id"] == healthy.committed[-1]
+    code, out, err = run_main(["runs", pg_database], capsys)
+    assert code == 0 and "healthy" in out and healthy.committed[-1] in out and "completed" in out
+    code, out, err = run_main(["runs", f"{pg_database}?run=healthy", "--json"], capsys)
+    assert [r["run"] for r in json.loads(out)["runs"]] == ["healthy"]
+    assert next_xid(pg_server) == xid
+
+
+def test_runs_refuses_what_is_not_a_ledger_database(tmp_path, pg_server, pg_database, capsys):
+    db = pg_database.rsplit("/", 1)[1]
+    code, out, err = run_main(["runs", pg_database], capsys)
+    assert code == 2 and "no ledger in" in err and len(err.strip().splitlines()) == 1
+    pg_server.sql(db, "CREATE TABLE customers (id int)")
+    code, out, err = run_main(["runs", pg_database], capsys)
+    assert code == 2 and "not a ckpt-ledger database" in err
+    code, out, err = run_main(["runs", str(tmp_path)], capsys)
+    assert code == 2 and "not a database URL" in err
+    code, out, err = run_main(["runs", pg_database.replace("ckpt@", "ckpt:hunter2@")], capsys)
+    assert code == 2 and "PGPASSWORD" in err and "hunter2" not in err
+    assert pg_server.sql(db, "SELECT count(*) FROM pg_namespace WHERE nspname = 'ckpt_ledger'") == [(0,)]
