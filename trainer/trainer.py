@@ -363,8 +363,8 @@ class Trainer:
         losses = [self.stack.eval_loss(self.model, x, y, self.loss_fn) for x, y in batches()]
         self.model.train()
         value = all_reduce_mean(torch.stack(losses).mean())
-        if self.journal is not None:
-            self.journal.metric("eval_loss", value, self.step, checkpoint_id)
+        # A metric naming a checkpoint in flight is appended by its writer, after checkpoint.started.
+        self.checkpointer.record_metric("eval_loss", value, step=self.step, checkpoint_id=checkpoint_id)
 
     def _agree_to_stop(self) -> tuple[StopReason, int]:
         """Every rank's view of preemption and fencing, reduced: all ranks stop at the same step."""
