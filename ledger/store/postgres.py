@@ -344,7 +344,10 @@ class PostgresStore:
 
     def _live_conn(self) -> psycopg.Connection:
         if self._conn is None:
-            raise LedgerError(f"{self.location}: the ledger was closed; open it again")
+            if not self.read_only:
+                raise LedgerError(f"{self.location}: the ledger was closed; open it again")
+            # Like SQLite's read-only handle, a closed reader still reads (a view's lazy parts): reconnect.
+            self._conn = connect(self.address, read_only=True)
         return self._conn
 
     # -- reading ------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class StoredRun:
     summary: bytes | None
     run_info: bytes | None
     newest_attempt: bytes | None
+    attempts: int
 
 
 _RUNS = f"""
@@ -42,7 +43,8 @@ SELECT r.run, r.last_seq, r.max_epoch, r.created_at,
        (SELECT convert_from(value, 'UTF8') FROM {SCHEMA}.rm_facts f WHERE f.run = r.run AND f.key = 'seq'),
        (SELECT value FROM {SCHEMA}.rm_facts f WHERE f.run = r.run AND f.key = 'summary'),
        (SELECT value FROM {SCHEMA}.rm_facts f WHERE f.run = r.run AND f.key = 'run'),
-       (SELECT state FROM {SCHEMA}.rm_attempts a WHERE a.run = r.run ORDER BY a.epoch DESC LIMIT 1)
+       (SELECT state FROM {SCHEMA}.rm_attempts a WHERE a.run = r.run ORDER BY a.epoch DESC LIMIT 1),
+       (SELECT count(*) FROM {SCHEMA}.rm_attempts a WHERE a.run = r.run)
 FROM {SCHEMA}.runs r
 ORDER BY r.run
 """
@@ -71,7 +73,7 @@ class RunsSnapshot:
         return [
             StoredRun(run=r[0], last_seq=r[1], max_epoch=r[2], created_at=r[3], read_model_version=_int_or_none(r[4]),
                       read_model_seq=_int_or_none(r[5]), summary=_bytes(r[6]), run_info=_bytes(r[7]),
-                      newest_attempt=_bytes(r[8]))
+                      newest_attempt=_bytes(r[8]), attempts=r[9])
             for r in self._conn.execute(_RUNS).fetchall()
         ]
 
