@@ -14,7 +14,7 @@ STACK_CHOICES = ("ddp", "fsdp", "tppp")
 
 
 @click.command("train")
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run directory (created if missing).")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run directory (created if missing), or a run in PostgreSQL: postgresql://USER@HOST:PORT/DB?run=NAME.")
 @click.option("--stack", type=click.Choice(STACK_CHOICES), default="ddp", show_default=True, help="Parallelism stack.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="Tensor-parallel degree (tppp).")

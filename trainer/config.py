@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ledger.run_address import parse_run_address
+
 #: Config fields that say *how* this process runs, not *what* experiment it is. They are
 #: left out of the canonical config (and so of the config hash) recorded in ``run.started``.
 OPERATIONAL_FIELDS = frozenset({"run_dir", "resume", "print_every", "dist_timeout_s", "async_checkpoint",
@@ -16,7 +18,8 @@ class TrainerConfig:
     """Configuration of one training run (one run directory, any number of attempts)."""
 
     run_dir: str
-    """Run directory: holds ``ledger.db`` and the shard blobs. Created if missing."""
+    """Run directory: holds ``ledger.db`` and the shard blobs. Created if missing. Or a run in a PostgreSQL
+    database, ``postgresql://USER@HOST:PORT/DB?run=NAME`` (password only via PGPASSWORD/~/.pgpass/PGSERVICE)."""
 
     stack: str = "ddp"
     """Parallelism stack, a name in :func:`trainer.stacks.available_stacks` (``ddp``, ``fsdp``)."""
@@ -115,6 +118,7 @@ class TrainerConfig:
 
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ValueError("run_dir must be a non-empty path")
+        parse_run_address(self.run_dir)  # a postgresql:// run must be well-formed and carry no password
         if self.stack in PLANNED_STACKS:
             raise ValueError(f"stack {self.stack!r} is not implemented yet: {PLANNED_STACKS[self.stack]}")
         if self.stack not in available_stacks():
