@@ -17,6 +17,7 @@ attempt has not ended and its checkpoint is not finished) is never a stray.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -118,7 +119,7 @@ def plan_gc(led: "Ledger", policy: retention.RetentionPolicy) -> GcPlan:
     """Plan a gc of ``led``'s run (works on a read-only ledger; changes nothing)."""
     listing = list(led.blobs.list_files())  # before projecting: see stray_files
     view = led.projection()
-    return GcPlan(policy=policy, deletions=retention.plan(view.state, policy, view.best_rule),
+    return GcPlan(policy=policy, deletions=retention.plan(view.state, policy, view.best_rule, now=time.time()),
                   strays=stray_files(view.state, listing), seq=view.seq)
 
 
@@ -157,6 +158,8 @@ def retention_pass(led: "Ledger", policy: retention.RetentionPolicy, *, epoch: i
     before the projection that judges it, as in :func:`plan_gc`.
     """
     deleted = led.apply_retention(policy, epoch=epoch)
+    if led.blobs is None:  # a run whose blobs live elsewhere (see run.started.blobs): nothing to list here
+        return GcResult(deletions=deleted, removed=[])
     listing = [loc for loc in led.blobs.list_files() if (e := _epoch_of(loc)) is not None and e < epoch]
     strays = stray_files(led.projection().state, listing)
     for stray in strays:

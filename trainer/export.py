@@ -15,13 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-
-from trainer.dcp_codec import reader_registry
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ledger import CorruptBlobError, Ledger
-from trainer.checkpointing import Candidate
+from ledger import BlobStore, CorruptBlobError, Ledger, LocalBlobStore
+from trainer.checkpoint_candidates import Candidate
+from trainer.checkpoint_storage import LedgerStorageReader
 from trainer.errors import TrainerError
 from trainer.pretrained import plain_key
 from trainer.train_state import SafeLoadPlanner
@@ -45,9 +43,15 @@ class ExportResult:
     out: Path
 
 
-def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:
-    """Every ``model.*`` tensor of a DCP checkpoint directory as one full tensor, keyed by plain name."""
-    reader = FileSystemReader(directory, _extension_registry=reader_registry())
+def consolidated_model_state(directory: str | os.PathLike[str], blobs: BlobStore | None = None) -> dict[str, torch.Tensor]:
+    """Every ``model.*`` tensor of a DCP checkpoint directory as one full tensor, keyed by plain name.
+
+    ``directory`` is a location in ``blobs``, or without ``blobs`` a local directory. Reads
+    both layouts: ckpt-ledger's raw one and DCP's own ``torch.save`` items.
+    """
+    if blobs is None:
+        blobs, directory = LocalBlobStore(directory), "."
+    reader = LedgerStorageReader(blobs, str(directory))
     metadata = reader.read_metadata()
     template = {
         fqn[len(_MODEL_PREFIX):]: torch.empty(md.size, dtype=md.properties.dtype)
@@ -60,8 +64,8 @@ def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         # no_dist=True is the point here; DCP warns that it found no process group.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, storage_reader=FileSystemReader(directory, _extension_registry=reader_registry()),
-                 no_dist=True, planner=SafeLoadPlanner())
+        dcp.load(state, storage_reader=LedgerStorageReader(blobs, str(directory)), no_dist=True,
+                 planner=SafeLoadPlanner())  # never runs pickled code
     return {plain_key(k): v for k, v in state["model"].items()}
 
 
@@ -85,7 +89,7 @@ def export_model(run_dir: str | os.PathLike[str], ref: str, out: str | os.PathLi
         directory = candidate.directory()
     except CorruptBlobError as err:
         raise ExportRefusedError(str(err)) from None
-    state = consolidated_model_state(ledger.blobs.path(directory))
+    state = consolidated_model_state(directory, ledger.blobs)
 
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
