@@ -122,16 +122,14 @@ def protected(state: State, rule: BestRule | None = None) -> dict[str, str]:
 SYSTEM_ALIASES = ("latest", "best")
 
 
-def alias_updates(state: State, rule: BestRule | None = None) -> list[tuple[str, CheckpointState | None]]:
-    """``(alias, checkpoint or None)`` for each of ``latest``/``best`` whose recorded ``alias.promoted``
-    no longer matches the decision (``None``: it should be removed). Writers append these so that
+def alias_updates(wanted: dict[str, CheckpointState | None], recorded: dict[str, str]
+                  ) -> list[tuple[str, CheckpointState | None]]:
+    """``(alias, checkpoint or None)`` for each system alias whose recorded ``alias.promoted`` no longer
+    matches the decision in ``wanted`` (``None``: remove it). Writers append these so that
     ``replay --kind alias.promoted`` shows the history; decisions never read them back."""
-    found = best(state, rule or BestRule.of(state))
-    wanted = {"latest": latest(state), "best": found[0] if found else None}
     updates = []
     for alias in SYSTEM_ALIASES:
-        target = wanted[alias]
-        recorded = state.aliases.get(alias)
-        if (target.checkpoint_id if target is not None else None) != recorded:
+        target = wanted.get(alias)
+        if (target.checkpoint_id if target is not None else None) != recorded.get(alias):
             updates.append((alias, target))
     return updates

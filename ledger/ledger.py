@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from ledger import retention
 from ledger.blobs import LocalBlobStore
-from ledger.decisions import BestRule, alias_updates, metric_of
+from ledger.decisions import BestRule, alias_updates
 from ledger.errors import CorruptBlobError, DuplicateCheckpointError, FencedError, IncompleteCheckpointError, LedgerError
 from ledger.events import (
     AliasPromoted,
@@ -340,16 +340,17 @@ class Ledger:
         decisions are made from the projection, never from these events)."""
         if not self.promote_aliases:
             return
-        view = self.projection()
-        rule = view.best_rule
+        view = self.projection()  # the read model answers latest/best/aliases without folding the state
+        rule, best = view.best_rule, view.best
         events: list[Event] = []
-        for alias, target in alias_updates(view.state, rule):
+        wanted = {"latest": view.latest, "best": best.checkpoint if best is not None else None}
+        for alias, target in alias_updates(wanted, view.aliases):
             if target is None:
                 events.append(AliasRemoved(alias=alias, reason="no usable checkpoint on the current branch"
                                            if alias == "latest" else f"no usable checkpoint has {rule.metric}"))
             else:
-                why = ("head of the current branch" if alias == "latest"
-                       else f"{rule.mode} {rule.metric} = {metric_of(view.state, target, rule.metric):.6g}")
+                why = ("head of the current branch" if alias == "latest" or best is None
+                       else f"{rule.mode} {rule.metric} = {best.value:.6g}")
                 events.append(AliasPromoted(alias=alias, checkpoint_id=target.checkpoint_id, reason=why))
         if events:
             try:

@@ -270,6 +270,10 @@ class ReadModelView(View):
         return self._summary.last_step
 
     @property
+    def aliases(self) -> dict[str, str]:
+        return dict(self._summary.aliases)
+
+    @property
     def goodput(self) -> float:
         return self._summary.goodput
 

@@ -80,7 +80,7 @@ def view_to_dict(view: "View") -> dict[str, Any]:
         "attempts": [attempt_to_dict(a) for a in view.attempts],
         "checkpoints": [checkpoint_to_dict(c, lineage.on_current_branch(view.state, c, branch))
                         for c in view.checkpoints.values()],
-        "aliases": dict(view.state.aliases),
+        "aliases": view.aliases,
         "goodput": view.goodput,
         "steps_run": view.state.steps_run,
         "steps_lost": view.state.steps_lost,
