@@ -142,3 +142,15 @@ def test_issue_scenario_through_the_real_cli(tmp_path):
     view = view_of(tmp_path / "R")
     assert view.attempts[-1].resumed_from == "step000045-e2"
     assert view.resume.checkpoint_id == view.latest.checkpoint_id == "step000100-e3"
+
+
+def test_a_restart_with_nothing_usable_on_its_branch_names_the_other_branch(branched):
+    from trainer.sources import fresh_start_refusal
+
+    led, a, b = branched
+    for step in (30, 20, 10):
+        led.report_corruption(cid_for(step, a), "blobs/x", "xxh3:00", None, epoch=b)
+    view = led.projection()
+    assert view.resume is None
+    message = fresh_start_refusal(view)
+    assert f"e.g. {cid_for(60, a)} (step 60)" in message and "--resume ID" in message
