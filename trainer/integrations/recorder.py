@@ -157,7 +157,8 @@ class CheckpointRecorder:
         self.ledger.start_run(run_id=uuid.uuid4().hex[:12], config=self.config, config_hash=config_hash(self.config),
                               code_id=code_id(entry_script))
         resumed = checkpoint_holding(self.ledger.projection(), self.run_dir, resumed_from_path)
-        job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or None
+        elastic_id = os.environ.get("TORCHELASTIC_RUN_ID")  # torchrun's default is the word "none"
+        job_id = os.environ.get("SLURM_JOB_ID") or (elastic_id if elastic_id != "none" else None) or None
         self.attempt = self.ledger.begin_attempt(
             job_id=job_id, slurm=slurm_facts(os.environ), world_size=world_size, stack=stack,
             topology={"dp": world_size}, resumed_from=resumed.checkpoint_id if resumed else None,
