@@ -26,7 +26,14 @@ from typing import Any, Mapping
 
 from ledger import LEDGER_FILE, Attempt, CorruptBlobError, FencedError, Ledger, RetentionPolicy, View
 from ledger.blobs import fsync_dir
-from ledger.events import AttemptEnded, CorruptionDetected, MetricRecorded, PreemptionSignalled, ShardWritten, StepCompleted
+from ledger.events import (
+    AttemptEnded,
+    CorruptionDetected,
+    MetricRecorded,
+    PreemptionSignalled,
+    ShardWritten,
+    StepCompleted,
+)
 from ledger.projection import CheckpointState
 from trainer.errors import EXIT_PREEMPTED
 from trainer.identity import code_id, config_hash
@@ -129,11 +136,13 @@ class CheckpointRecorder:
         self.run_dir = Path(run_dir)
         self.integration = integration
         self.policy = policy
+        # Recorded in run.started: `ckpt-ledger gc` and the projection's best rule read these keys.
         self.config: dict[str, Any] = {
             "integration": integration, "keep_last": policy.keep_last, "keep_every": policy.keep_every,
-            "keep_best": policy.keep_best, **({"best_metric": best_metric, "best_mode": best_mode} if best_metric else {}),
-            **dict(settings or {}),
+            "keep_best": policy.keep_best, **dict(settings or {}),
         }
+        if best_metric:
+            self.config.update(best_metric=best_metric, best_mode=best_mode)
         self.ledger: Ledger | None = None
         self.attempt: Attempt | None = None
         self.ended: str | None = None
