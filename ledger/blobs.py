@@ -12,8 +12,10 @@ hashes recorded by earlier versions still verify.
 Locations are relative strings (``blobs/<checkpoint>/e<epoch>/...``): the epoch in
 the path means a stale attempt can never overwrite a live attempt's files.
 
-:class:`BlobStore` is the small interface a remote backend (e.g. fsspec/S3) would
-implement; :class:`LocalBlobStore` is the local-filesystem one.
+:class:`BlobStore` is the small interface every backend implements;
+:class:`LocalBlobStore` is the local-filesystem one and
+:class:`ledger.blobs_remote.FsspecBlobStore` the object-storage one (``s3://…`` and any
+fsspec URL). :func:`blob_store_for` picks one from what a run recorded.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import xxhash
 
@@ -82,6 +84,29 @@ class BlobInfo:
     codec: str
 
 
+class BlobLocation(NamedTuple):
+    """The parts of a location laid out by :meth:`BlobStore.checkpoint_dir`."""
+
+    checkpoint_id: str
+    epoch: int
+    name: str
+
+
+_LOCATION = re.compile(r"^blobs/(?P<cid>[^/]+)/e(?P<epoch>\d+)/(?P<name>.+)$")
+
+
+def parse_location(location: str) -> BlobLocation | None:
+    """``blobs/<checkpoint>/e<epoch>/<name>`` split into its parts; ``None`` for any other location."""
+    match = _LOCATION.match(location)
+    if match is None:
+        return None
+    return BlobLocation(match["cid"], int(match["epoch"]), match["name"])
+
+
+#: ``progress(bytes_done)`` while a blob is hashed: called after each chunk with the running total.
+HashProgress = Callable[[int], None]
+
+
 def check_component(value: str, what: str) -> str:
     """Reject ids that could escape the blob root or collide (``..``, slashes, empty)."""
     if not _SAFE_ID.fullmatch(value):  # fullmatch: "$" alone lets a trailing newline through
@@ -90,7 +115,15 @@ def check_component(value: str, what: str) -> str:
 
 
 class BlobStore(ABC):
-    """Where shard bytes live. Implement these for another backend."""
+    """Where shard bytes live. Implement these for another backend.
+
+    Guarantees every backend gives: a blob written through :meth:`open_atomic` (or
+    :meth:`write`) is visible only once complete, and nothing is visible if the write
+    fails; :meth:`hash_file` streams (never holds a whole blob in memory).
+    """
+
+    #: What ``run.started.blobs`` records for this store (``None``: the run directory itself).
+    url: str | None = None
 
     @abstractmethod
     def write(self, location: str, data: bytes | memoryview, *, codec: str = "none", level: int = 3) -> BlobInfo:
@@ -101,8 +134,24 @@ class BlobStore(ABC):
         """Return the decoded bytes, verifying ``expected_hash`` first (raises :class:`CorruptBlobError`)."""
 
     @abstractmethod
-    def hash_file(self, location: str, algo: str = HASH_ALGO) -> tuple[str, int]:
-        """The stored blob's content hash (``algo:hex``) and size in bytes."""
+    def open_atomic(self, location: str) -> "AtomicSink":
+        """A context manager to stream one blob into: ``.write(buffer)`` hashes as it goes; on a
+        clean exit the blob becomes visible whole (``.hash``/``.size`` are then set); if the
+        block raises, nothing is left visible."""
+
+    @abstractmethod
+    def open_read(self, location: str) -> BinaryIO:
+        """A seekable binary file over the stored blob (``FileNotFoundError`` if missing)."""
+
+    @abstractmethod
+    def hash_file(self, location: str, algo: str = HASH_ALGO,
+                  progress: HashProgress | None = None) -> tuple[str, int]:
+        """The stored blob's content hash (``algo:hex``) and size in bytes, streamed
+        (``FileNotFoundError`` if missing)."""
+
+    @abstractmethod
+    def size(self, location: str) -> int | None:
+        """Stored size in bytes, or ``None`` when missing."""
 
     @abstractmethod
     def exists(self, location: str) -> bool:
@@ -116,17 +165,36 @@ class BlobStore(ABC):
     def list_files(self) -> Iterator[str]:
         """Every stored location (audit uses this to find orphans; nothing is *decided* from it)."""
 
+    def unfinished_uploads(self) -> list[str]:
+        """Locations with an upload begun and never completed (multipart uploads of a killed
+        writer). They are invisible as blobs but hold storage until aborted. Default: none."""
+        return []
+
+    def abort_uploads(self, location: str) -> None:
+        """Abort every unfinished upload to ``location`` (no error if there is none)."""
+
+    def describe(self) -> str:
+        """Where the blobs are, for messages (never any credential)."""
+        return self.url or "the run directory"
+
     def checkpoint_dir(self, checkpoint_id: str, epoch: int) -> str:
         """The location prefix where attempt ``epoch`` writes checkpoint ``checkpoint_id``."""
         return f"blobs/{check_component(checkpoint_id, 'checkpoint id')}/e{int(epoch)}"
 
-    def verify(self, location: str, expected_hash: str, expected_bytes: int | None = None) -> None:
-        """Raise :class:`CorruptBlobError` unless the stored blob has this hash (and size)."""
-        if not self.exists(location):
+    def verify(self, location: str, expected_hash: str, expected_bytes: int | None = None,
+               progress: HashProgress | None = None) -> None:
+        """Raise :class:`CorruptBlobError` unless the stored blob has this hash (and size).
+
+        The one hash check of stored blobs: load, export, commit-time checks and
+        ``audit --verify-blobs`` all go through it.
+        """
+        algo = _algo_to_verify(location, expected_hash)
+        try:
+            found, size = self.hash_file(location, algo, progress)
+        except FileNotFoundError:
             raise CorruptBlobError(
                 f"shard {location} is missing", location=location, expected_hash=expected_hash, found_hash=None
-            )
-        found, size = self.hash_file(location, _algo_to_verify(location, expected_hash))
+            ) from None
         if expected_bytes is not None and size != expected_bytes:
             raise CorruptBlobError(
                 f"shard {location} has {size} bytes, the ledger recorded {expected_bytes}",
@@ -137,6 +205,18 @@ class BlobStore(ABC):
                 f"shard {location} hash {found} does not match the ledger's {expected_hash}",
                 location=location, expected_hash=expected_hash, found_hash=found,
             )
+
+
+def hash_stream(stream: BinaryIO, algo: str = HASH_ALGO, progress: HashProgress | None = None,
+                chunk_bytes: int = _CHUNK) -> tuple[str, int]:
+    """Hash a readable stream to its end in chunks: ``(algo:hex, bytes read)``."""
+    hasher, size = new_hasher(algo), 0
+    while chunk := stream.read(chunk_bytes):
+        hasher.update(chunk)
+        size += len(chunk)
+        if progress is not None:
+            progress(size)
+    return format_hash(hasher, algo), size
 
 
 def fsync_dir(directory: Path) -> None:
@@ -172,6 +252,9 @@ class LocalBlobStore(BlobStore):
         """A file-like that hashes as it is written and lands atomically and durably on close."""
         return AtomicFile(self.path(location))
 
+    def open_read(self, location: str) -> BinaryIO:
+        return open(self.path(location), "rb")
+
     def read(self, location: str, *, expected_hash: str | None = None, codec: str = "none") -> bytes:
         target = self.path(location)
         try:
@@ -191,19 +274,15 @@ class LocalBlobStore(BlobStore):
                 )
         return codecs.decode(data, codec, location=location)
 
-    def hash_file(self, location: str, algo: str = HASH_ALGO) -> tuple[str, int]:
-        hasher, size = new_hasher(algo), 0
+    def hash_file(self, location: str, algo: str = HASH_ALGO,
+                  progress: HashProgress | None = None) -> tuple[str, int]:
         with open(self.path(location), "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                hasher.update(chunk)
-                size += len(chunk)
-        return format_hash(hasher, algo), size
+            return hash_stream(fh, algo, progress)
 
     def exists(self, location: str) -> bool:
         return self.path(location).is_file()
 
     def size(self, location: str) -> int | None:
-        """Stored size in bytes, or ``None`` when missing."""
         try:
             return self.path(location).stat().st_size
         except FileNotFoundError:
@@ -230,7 +309,30 @@ class LocalBlobStore(BlobStore):
                 yield Path(dirpath, name).relative_to(self.root).as_posix()
 
 
-class AtomicFile:
+class AtomicSink(ABC):
+    """What :meth:`BlobStore.open_atomic` returns: write, then exit the ``with`` block to publish."""
+
+    size: int
+    """Bytes written so far."""
+    hash: str
+    """``algo:hex`` of everything written; set once the blob is published (``""`` before)."""
+
+    @abstractmethod
+    def write(self, data: bytes | memoryview) -> int:
+        """Append bytes (hashing them on the way)."""
+
+    def writable(self) -> bool:
+        """Always: this is an output stream."""
+        return True
+
+    @abstractmethod
+    def __enter__(self) -> "AtomicSink": ...
+
+    @abstractmethod
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None: ...
+
+
+class AtomicFile(AtomicSink):
     """Write-then-rename file with a running content hash (use as a context manager)."""
 
     def __init__(self, final: Path) -> None:
@@ -276,3 +378,28 @@ class AtomicFile:
             self._tmp.unlink(missing_ok=True)
             raise LedgerWriteError(f"could not durably write shard {self.final}: {err}") from err
         self.hash = format_hash(self._hasher)
+
+
+def blob_store_for(url_or_path: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str]) -> BlobStore:
+    """The blob store a run uses: the run directory itself (``None``), a local directory, or any
+    fsspec URL such as ``s3://bucket/prefix`` (needs ``ckpt-ledger[s3]``).
+
+    Credentials are never part of the URL: one that embeds them is refused (``ValueError``);
+    endpoint and keys come from the standard places (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, fsspec's config).
+    """
+    if url_or_path is None or str(url_or_path) == "":
+        return LocalBlobStore(run_dir)
+    text = os.fspath(url_or_path)
+    if "://" not in text:
+        store = LocalBlobStore(Path(text).expanduser())
+        store.url = text
+        return store
+    from ledger.blobs_remote import FsspecBlobStore, check_blob_url  # fsspec is an optional extra
+
+    url = check_blob_url(text)
+    if url.startswith("file://"):
+        store = LocalBlobStore(Path(url[len("file://"):]))
+        store.url = url
+        return store
+    return FsspecBlobStore(url)

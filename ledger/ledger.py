@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ledger import retention
-from ledger.blobs import LocalBlobStore
+from ledger.blobs import BlobStore, blob_store_for
 from ledger.decisions import BestRule
 from ledger.errors import CorruptBlobError, DuplicateCheckpointError, IncompleteCheckpointError, LedgerError
 from ledger.events import (
@@ -65,21 +65,39 @@ class Attempt:
 class Ledger:
     """One run's ledger. Open with :meth:`open`; writers and read-only readers share this API."""
 
-    def __init__(self, run_dir: Path, log: LogWriter | LogReader, read_only: bool) -> None:
+    def __init__(self, run_dir: Path, log: LogWriter | LogReader, read_only: bool,
+                 blobs: BlobStore | None = None) -> None:
         self.run_dir = run_dir
         self.read_only = read_only
         self._log = log
-        self.blobs = LocalBlobStore(run_dir)
+        self._blobs = blobs
         self._cache: tuple[int, bytes] | None = None  # (seq, encoded state) of the newest projection
         self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike[str], *, read_only: bool = False) -> "Ledger":
-        """Open ``RUN_DIR/ledger.db``. Writers create it if missing; read-only never creates or changes a file."""
+    def open(cls, run_dir: str | os.PathLike[str], *, read_only: bool = False,
+             blobs: BlobStore | None = None) -> "Ledger":
+        """Open ``RUN_DIR/ledger.db``. Writers create it if missing; read-only never creates or changes a file.
+
+        ``blobs``: where the shards are; by default the store ``run.started`` recorded (the run
+        directory when it recorded none).
+        """
         run_dir = Path(run_dir)
         path = run_dir / LEDGER_FILE
         log: LogWriter | LogReader = LogReader(path) if read_only else LogWriter(path)
-        return cls(run_dir, log, read_only)
+        return cls(run_dir, log, read_only, blobs)
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The run's blob store, found from ``run.started.blobs`` on first use (so a command that
+        never touches a blob never connects to a remote store)."""
+        if self._blobs is None:
+            started = self.events(tags=["run.started"])
+            url = started[0].event.blobs if started else None  # type: ignore[attr-defined]
+            if not started:
+                return blob_store_for(None, self.run_dir)  # not cached: start_run may still record one
+            self._blobs = blob_store_for(url, self.run_dir)
+        return self._blobs
 
     @property
     def path(self) -> Path:
@@ -135,9 +153,15 @@ class Ledger:
             return []
         return self._writer().append(events, epoch=OPERATOR_EPOCH if epoch is None else epoch, event_ids=event_ids)
 
-    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None) -> RunStarted:
-        """Record the run's identity once; later calls return the stored ``run.started``."""
-        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id),
+    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None,
+                  blobs: str | None = None) -> RunStarted:
+        """Record the run's identity once; later calls return the stored ``run.started``.
+
+        ``blobs``: the blob store URL or directory (never with credentials; ``None``: the run directory).
+        """
+        if blobs is not None:
+            blob_store_for(blobs, self.run_dir)  # refuses a URL with credentials before it is recorded
+        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id, blobs=blobs),
                     event_id="run.started")
         stored = self._writer().query(lambda c: read_events(c, tags=["run.started"]))
         return stored[0].event  # type: ignore[return-value]
@@ -207,6 +231,8 @@ class Ledger:
         The check runs inside the commit's own transaction, so nothing (an abort, a
         newer attempt) can slip in between the check and the commit.
         """
+        blobs = self.blobs if verify else None  # resolved outside the transaction: it may read the log
+
         def make_commit(conn: sqlite3.Connection) -> CheckpointCommitted:
             started, started_epoch, shards, ended = None, None, {}, None
             for stored in checkpoint_events(conn, checkpoint_id):
@@ -231,9 +257,9 @@ class Ledger:
                 raise IncompleteCheckpointError(
                     f"cannot commit {checkpoint_id}: no shard recorded for rank(s) {missing}; abort it instead"
                 )
-            if verify:
+            if blobs is not None:
                 for shard in shards.values():
-                    self.blobs.verify(shard.location, shard.hash, shard.bytes)
+                    blobs.verify(shard.location, shard.hash, shard.bytes)
             return CheckpointCommitted(checkpoint_id=checkpoint_id, step=started.step)
 
         crash_point("ledger.before_commit")
