@@ -325,6 +325,20 @@ class AtomicSink(ABC):
         """Always: this is an output stream."""
         return True
 
+    def seekable(self) -> bool:
+        """Never: blobs are written front to back."""
+        return False
+
+    def tell(self) -> int:
+        """Bytes written so far (the offset the next write lands at)."""
+        return self.size
+
+    def flush(self) -> None:
+        """Nothing to do: durability and visibility come with leaving the ``with`` block."""
+
+    def close(self) -> None:
+        """Nothing to do: leaving the ``with`` block publishes (or discards) the blob."""
+
     @abstractmethod
     def __enter__(self) -> "AtomicSink": ...
 

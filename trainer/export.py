@@ -12,6 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -20,7 +21,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from trainer.dcp_codec import reader_registry
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ledger import CorruptBlobError, Ledger
+from ledger import BlobStore, CorruptBlobError, Ledger
+from trainer.blob_fs import dcp_reader
 from trainer.checkpointing import Candidate
 from trainer.errors import TrainerError
 from trainer.pretrained import plain_key
@@ -44,10 +46,17 @@ class ExportResult:
     out: Path
 
 
-def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:
-    """Every ``model.*`` tensor of a DCP checkpoint directory as one full tensor, keyed by plain name."""
-    reader = FileSystemReader(directory, _extension_registry=reader_registry())
-    metadata = reader.read_metadata()
+def consolidated_model_state(directory: Path | str, *, blobs: BlobStore | None = None) -> dict[str, torch.Tensor]:
+    """Every ``model.*`` tensor of a DCP checkpoint directory as one full tensor, keyed by plain name.
+
+    ``directory`` is a local directory, or with ``blobs`` a location in that blob store.
+    """
+    def make_reader() -> FileSystemReader:
+        if blobs is None:
+            return FileSystemReader(directory, _extension_registry=reader_registry())
+        return dcp_reader(blobs, str(directory))
+
+    metadata = make_reader().read_metadata()
     template = {
         fqn[len(_MODEL_PREFIX):]: torch.empty(md.size, dtype=md.properties.dtype)
         for fqn, md in metadata.state_dict_metadata.items()
@@ -59,14 +68,17 @@ def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         # no_dist=True is the point here; DCP warns that it found no process group.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, storage_reader=FileSystemReader(directory, _extension_registry=reader_registry()),
-                 no_dist=True)
+        dcp.load(state, storage_reader=make_reader(), no_dist=True)
     return {plain_key(k): v for k, v in state["model"].items()}
 
 
 def export_model(run_dir: str | os.PathLike[str], ref: str, out: str | os.PathLike[str], *,
-                 fmt: str = "torch") -> ExportResult:
-    """Verify and consolidate checkpoint ``ref`` (``latest``, ``best`` or an id) of a run into ``out``."""
+                 fmt: str = "torch", progress: Callable[[int, int], None] | None = None) -> ExportResult:
+    """Verify and consolidate checkpoint ``ref`` (``latest``, ``best`` or an id) of a run into ``out``.
+
+    The shards are read from wherever the run keeps them (``run.started.blobs``).
+    ``progress(done, total)`` is called with the bytes verified so far.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     ledger = Ledger.open(run_dir, read_only=True)
@@ -75,16 +87,19 @@ def export_model(run_dir: str | os.PathLike[str], ref: str, out: str | os.PathLi
         raise ExportRefusedError(f"checkpoint {ckpt.checkpoint_id} (step {ckpt.step}) is {ckpt.status}"
                                  f"{' and being deleted' if ckpt.deletion_requested else ''}; export a committed one")
     candidate = Candidate.of(ckpt)
+    total, done = sum(s.bytes for s in candidate.shards), 0
     for shard in candidate.shards:
         try:
-            ledger.blobs.verify(shard.location, shard.hash, shard.bytes)
+            ledger.blobs.verify(shard.location, shard.hash, shard.bytes,
+                                progress=None if progress is None else lambda n, base=done: progress(base + n, total))
         except CorruptBlobError as err:
             raise ExportRefusedError(f"checkpoint {ckpt.checkpoint_id}: {err}; export refused") from None
+        done += shard.bytes
     try:
         directory = candidate.directory()
     except CorruptBlobError as err:
         raise ExportRefusedError(str(err)) from None
-    state = consolidated_model_state(ledger.blobs.path(directory))
+    state = consolidated_model_state(directory, blobs=ledger.blobs)
 
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
