@@ -8,7 +8,7 @@ projection of that log decides resume, retention, best and latest.
 >>> led.projection().resume                       # doctest: +SKIP
 """
 
-from ledger.blobs import BlobInfo, BlobStore, LocalBlobStore
+from ledger.blobs import BlobInfo, BlobStore, BlobWriter, LocalBlobStore
 from ledger.decisions import BestRule
 from ledger.errors import (
     CheckpointNotFoundError,
@@ -35,6 +35,7 @@ __all__ = [
     "BestRule",
     "BlobInfo",
     "BlobStore",
+    "BlobWriter",
     "CheckpointNotFoundError",
     "CorruptBlobError",
     "CorruptLedgerError",

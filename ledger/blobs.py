@@ -43,7 +43,10 @@ HASHERS = {
     "blake2b": lambda: hashlib.blake2b(digest_size=32),
 }
 CODECS = codecs.CODECS
-_CHUNK = 1 << 20
+#: Bytes read at a time when hashing a stored blob.
+_HASH_CHUNK = 8 << 20
+#: Buffers per ``writev`` call (POSIX guarantees at least 16; Linux allows 1024).
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -107,6 +110,18 @@ def parse_location(location: str) -> BlobLocation | None:
 HashProgress = Callable[[int], None]
 
 
+def hash_stream(stream: BinaryIO, algo: str = HASH_ALGO, progress: HashProgress | None = None,
+                chunk_bytes: int = _HASH_CHUNK) -> tuple[str, int]:
+    """Hash a readable stream to its end in chunks: ``(algo:hex, bytes read)``."""
+    hasher, size = new_hasher(algo), 0
+    while chunk := stream.read(chunk_bytes):
+        hasher.update(chunk)
+        size += len(chunk)
+        if progress is not None:
+            progress(size)
+    return format_hash(hasher, algo), size
+
+
 def check_component(value: str, what: str) -> str:
     """Reject ids that could escape the blob root or collide (``..``, slashes, empty)."""
     if not _SAFE_ID.fullmatch(value):  # fullmatch: "$" alone lets a trailing newline through
@@ -114,44 +129,103 @@ def check_component(value: str, what: str) -> str:
     return value
 
 
-class BlobStore(ABC):
-    """Where shard bytes live. Implement these for another backend.
+class BlobWriter(ABC):
+    """One blob being written: what :meth:`BlobStore.open_atomic` returns (a context manager).
 
-    Guarantees every backend gives: a blob written through :meth:`open_atomic` (or
-    :meth:`write`) is visible only once complete, and nothing is visible if the write
-    fails; :meth:`hash_file` streams (never holds a whole blob in memory).
+    Semantics every backend keeps:
+
+    * :meth:`write` appends bytes in order (any buffer: ``bytes``, ``bytearray``,
+      ``memoryview``, a NumPy array) and hashes them on the way; it may return before the
+      bytes are durable. A failed write raises :class:`~ledger.LedgerWriteError`.
+    * Leaving the ``with`` block cleanly makes the blob durable and visible under
+      ``location`` in one step (readers see either nothing or all of it); only then are
+      :attr:`size` and :attr:`hash` final. A failure to make it durable raises
+      :class:`~ledger.LedgerWriteError` and leaves nothing visible.
+    * Leaving the block with an exception discards everything written: nothing becomes
+      visible under ``location`` and no temporary object is left behind (best effort on
+      remote stores: an incomplete multipart upload is aborted).
+    * A blob already at ``location`` is replaced atomically.
+    """
+
+    location: str
+    """Where the blob lands."""
+    size: int
+    """Bytes written so far (the blob's size once closed)."""
+    hash: str
+    """``algo:hex`` (:data:`HASH_ALGO`) of every byte written, in order; ``""`` until closed cleanly."""
+
+    @abstractmethod
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data`` (hashing it); returns ``len(data)`` in bytes."""
+
+    def writev(self, buffers: "list[bytes | bytearray | memoryview]") -> int:
+        """Append several buffers in order (backends may gather them into fewer calls); total bytes."""
+        return sum(self.write(buffer) for buffer in buffers)
+
+    def __enter__(self) -> "BlobWriter":
+        return self
+
+    @abstractmethod
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """Commit (clean exit) or discard (exception): see the class docstring."""
+
+    # The rest of a write-only stream, so a writer can be handed to code expecting a file
+    # (DCP's storage writer: trainer/blob_fs.py).
+
+    def writable(self) -> bool:
+        """Always: this is an output stream."""
+        return True
+
+    def seekable(self) -> bool:
+        """Never: blobs are written front to back."""
+        return False
+
+    def tell(self) -> int:
+        """Bytes written so far (the offset the next write lands at)."""
+        return self.size
+
+    def flush(self) -> None:
+        """Nothing to do: durability and visibility come with leaving the ``with`` block."""
+
+    def close(self) -> None:
+        """Nothing to do: leaving the ``with`` block publishes (or discards) the blob."""
+
+
+class BlobStore(ABC):
+    """Where shard bytes live. Implement the abstract methods for another backend.
+
+    A backend implements :meth:`open_atomic` (streamed, atomic, hashed writes),
+    :meth:`open_read` (seekable reads), :meth:`size`, :meth:`exists`, :meth:`delete` and
+    :meth:`list_files`; :meth:`write`, :meth:`read`, :meth:`hash_file` and :meth:`verify`
+    are built on those (override them where the backend can do better). Locations are
+    relative ``/``-separated strings such as ``blobs/<checkpoint>/e<epoch>/<file>``.
     """
 
     #: What ``run.started.blobs`` records for this store (``None``: the run directory itself).
     url: str | None = None
 
     @abstractmethod
-    def write(self, location: str, data: bytes | memoryview, *, codec: str = "none", level: int = 3) -> BlobInfo:
-        """Durably and atomically store ``data`` (encoded by ``codec``) at ``location``."""
+    def open_atomic(self, location: str) -> BlobWriter:
+        """A :class:`BlobWriter` for ``location``: hashed as written, durable and visible on clean close only.
 
-    @abstractmethod
-    def read(self, location: str, *, expected_hash: str | None = None, codec: str = "none") -> bytes:
-        """Return the decoded bytes, verifying ``expected_hash`` first (raises :class:`CorruptBlobError`)."""
-
-    @abstractmethod
-    def open_atomic(self, location: str) -> "AtomicSink":
-        """A context manager to stream one blob into: ``.write(buffer)`` hashes as it goes; on a
-        clean exit the blob becomes visible whole (``.hash``/``.size`` are then set); if the
-        block raises, nothing is left visible."""
+        Checkpoint files are written through this (``with store.open_atomic(loc) as w:
+        w.write(buf)``); ``w.hash`` and ``w.size`` are what ``shard.written`` records.
+        """
 
     @abstractmethod
     def open_read(self, location: str) -> BinaryIO:
-        """A seekable binary file over the stored blob (``FileNotFoundError`` if missing)."""
+        """The stored bytes of ``location`` as a seekable binary file (a context manager).
 
-    @abstractmethod
-    def hash_file(self, location: str, algo: str = HASH_ALGO,
-                  progress: HashProgress | None = None) -> tuple[str, int]:
-        """The stored blob's content hash (``algo:hex``) and size in bytes, streamed
-        (``FileNotFoundError`` if missing)."""
+        It supports ``read(n)``, ``readinto(buffer)`` (filling as much of ``buffer`` as
+        the blob has from the current position; ``0`` at the end), ``seek(offset,
+        whence)``, ``tell()`` and ``close()``. No verification happens here (use
+        :meth:`verify` or hash what you read). Raises :class:`CorruptBlobError` (with
+        ``found_hash=None``) when nothing is stored at ``location``.
+        """
 
     @abstractmethod
     def size(self, location: str) -> int | None:
-        """Stored size in bytes, or ``None`` when missing."""
+        """Stored size in bytes, or ``None`` when nothing is stored at ``location``."""
 
     @abstractmethod
     def exists(self, location: str) -> bool:
@@ -165,9 +239,45 @@ class BlobStore(ABC):
     def list_files(self) -> Iterator[str]:
         """Every stored location (audit uses this to find orphans; nothing is *decided* from it)."""
 
+    def write(self, location: str, data: bytes | memoryview, *, codec: str = "none", level: int = 3) -> BlobInfo:
+        """Durably and atomically store ``data`` (encoded by ``codec``) at ``location``."""
+        payload = codecs.encode(data, codec, level=level)
+        with self.open_atomic(location) as sink:
+            sink.write(payload)
+        return BlobInfo(location=location, bytes=sink.size, hash=sink.hash, codec=codec)
+
+    def read(self, location: str, *, expected_hash: str | None = None, codec: str = "none") -> bytes:
+        """Return the decoded bytes, verifying ``expected_hash`` first (raises :class:`CorruptBlobError`)."""
+        try:
+            with self.open_read(location) as fh:
+                data = fh.read()
+        except CorruptBlobError as err:
+            raise CorruptBlobError(str(err), location=location, expected_hash=expected_hash,
+                                   found_hash=None) from None
+        if expected_hash is not None:
+            algo = _algo_to_verify(location, expected_hash)
+            hasher = new_hasher(algo)
+            hasher.update(data)
+            found = format_hash(hasher, algo)
+            if found != expected_hash:
+                raise CorruptBlobError(
+                    f"shard {location} hash {found} does not match the ledger's {expected_hash}",
+                    location=location, expected_hash=expected_hash, found_hash=found,
+                )
+        return codecs.decode(data, codec, location=location)
+
+    def hash_file(self, location: str, algo: str = HASH_ALGO,
+                  progress: HashProgress | None = None) -> tuple[str, int]:
+        """The stored blob's content hash (``algo:hex``) and size in bytes, streamed.
+
+        ``progress(bytes_so_far)`` is called as it goes. :class:`CorruptBlobError` when missing.
+        """
+        with self.open_read(location) as fh:
+            return hash_stream(fh, algo, progress)
+
     def unfinished_uploads(self) -> list[str]:
         """Locations with an upload begun and never completed (multipart uploads of a killed
-        writer). They are invisible as blobs but hold storage until aborted. Default: none."""
+        writer): invisible as blobs, but holding storage until aborted. Default: none."""
         return []
 
     def abort_uploads(self, location: str) -> None:
@@ -186,12 +296,12 @@ class BlobStore(ABC):
         """Raise :class:`CorruptBlobError` unless the stored blob has this hash (and size).
 
         The one hash check of stored blobs: load, export, commit-time checks and
-        ``audit --verify-blobs`` all go through it.
+        ``audit --verify-blobs`` all go through it. ``progress(bytes_so_far)`` as it hashes.
         """
         algo = _algo_to_verify(location, expected_hash)
         try:
             found, size = self.hash_file(location, algo, progress)
-        except FileNotFoundError:
+        except CorruptBlobError:  # nothing stored there
             raise CorruptBlobError(
                 f"shard {location} is missing", location=location, expected_hash=expected_hash, found_hash=None
             ) from None
@@ -205,18 +315,6 @@ class BlobStore(ABC):
                 f"shard {location} hash {found} does not match the ledger's {expected_hash}",
                 location=location, expected_hash=expected_hash, found_hash=found,
             )
-
-
-def hash_stream(stream: BinaryIO, algo: str = HASH_ALGO, progress: HashProgress | None = None,
-                chunk_bytes: int = _CHUNK) -> tuple[str, int]:
-    """Hash a readable stream to its end in chunks: ``(algo:hex, bytes read)``."""
-    hasher, size = new_hasher(algo), 0
-    while chunk := stream.read(chunk_bytes):
-        hasher.update(chunk)
-        size += len(chunk)
-        if progress is not None:
-            progress(size)
-    return format_hash(hasher, algo), size
 
 
 def fsync_dir(directory: Path) -> None:
@@ -242,47 +340,37 @@ class LocalBlobStore(BlobStore):
             raise ValueError(f"blob location {location!r} escapes the run directory")
         return resolved
 
-    def write(self, location: str, data: bytes | memoryview, *, codec: str = "none", level: int = 3) -> BlobInfo:
-        payload = codecs.encode(data, codec, level=level)
-        with self.open_atomic(location) as sink:
-            sink.write(payload)
-        return BlobInfo(location=location, bytes=sink.size, hash=sink.hash, codec=codec)
-
     def open_atomic(self, location: str) -> "AtomicFile":
-        """A file-like that hashes as it is written and lands atomically and durably on close."""
-        return AtomicFile(self.path(location))
+        """A file that hashes as it is written and lands atomically and durably on close."""
+        return AtomicFile(self.path(location), location)
 
     def open_read(self, location: str) -> BinaryIO:
-        return open(self.path(location), "rb")
-
-    def read(self, location: str, *, expected_hash: str | None = None, codec: str = "none") -> bytes:
-        target = self.path(location)
+        """The file itself, unbuffered (large ``readinto`` calls go straight to the kernel)."""
         try:
-            data = target.read_bytes()
+            return open(self.path(location), "rb", buffering=0)
         except FileNotFoundError:
             raise CorruptBlobError(
-                f"shard {location} is missing", location=location, expected_hash=expected_hash, found_hash=None
+                f"shard {location} is missing", location=location, expected_hash=None, found_hash=None
             ) from None
-        if expected_hash is not None:
-            algo = _algo_to_verify(location, expected_hash)
-            hasher = new_hasher(algo)
-            hasher.update(data)
-            if format_hash(hasher, algo) != expected_hash:
-                raise CorruptBlobError(
-                    f"shard {location} hash {format_hash(hasher, algo)} does not match the ledger's {expected_hash}",
-                    location=location, expected_hash=expected_hash, found_hash=format_hash(hasher, algo),
-                )
-        return codecs.decode(data, codec, location=location)
 
     def hash_file(self, location: str, algo: str = HASH_ALGO,
                   progress: HashProgress | None = None) -> tuple[str, int]:
-        with open(self.path(location), "rb") as fh:
-            return hash_stream(fh, algo, progress)
+        hasher, size = new_hasher(algo), 0
+        buffer = bytearray(_HASH_CHUNK)
+        view = memoryview(buffer)
+        with self.open_read(location) as fh:
+            while count := fh.readinto(buffer):
+                hasher.update(view[:count])  # xxhash releases the GIL while hashing
+                size += count
+                if progress is not None:
+                    progress(size)
+        return format_hash(hasher, algo), size
 
     def exists(self, location: str) -> bool:
         return self.path(location).is_file()
 
     def size(self, location: str) -> int | None:
+        """Stored size in bytes, or ``None`` when missing."""
         try:
             return self.path(location).stat().st_size
         except FileNotFoundError:
@@ -309,78 +397,67 @@ class LocalBlobStore(BlobStore):
                 yield Path(dirpath, name).relative_to(self.root).as_posix()
 
 
-class AtomicSink(ABC):
-    """What :meth:`BlobStore.open_atomic` returns: write, then exit the ``with`` block to publish."""
+class AtomicFile(BlobWriter):
+    """Write-then-rename file with a running content hash (use as a context manager).
 
-    size: int
-    """Bytes written so far."""
-    hash: str
-    """``algo:hex`` of everything written; set once the blob is published (``""`` before)."""
+    Writes go straight to the file descriptor (no Python-side buffer: a checkpoint's
+    buffers are large) and :meth:`writev` gathers many small buffers into one system
+    call. On a clean close: one ``fsync`` of the file, the rename, one ``fsync`` of the
+    directory — with a crash point after each step.
+    """
 
-    @abstractmethod
-    def write(self, data: bytes | memoryview) -> int:
-        """Append bytes (hashing them on the way)."""
-
-    def writable(self) -> bool:
-        """Always: this is an output stream."""
-        return True
-
-    def seekable(self) -> bool:
-        """Never: blobs are written front to back."""
-        return False
-
-    def tell(self) -> int:
-        """Bytes written so far (the offset the next write lands at)."""
-        return self.size
-
-    def flush(self) -> None:
-        """Nothing to do: durability and visibility come with leaving the ``with`` block."""
-
-    def close(self) -> None:
-        """Nothing to do: leaving the ``with`` block publishes (or discards) the blob."""
-
-    @abstractmethod
-    def __enter__(self) -> "AtomicSink": ...
-
-    @abstractmethod
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None: ...
-
-
-class AtomicFile(AtomicSink):
-    """Write-then-rename file with a running content hash (use as a context manager)."""
-
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, location: str | None = None) -> None:
         self.final = final
+        self.location = location if location is not None else final.name
         self.size = 0
         self.hash = ""
         self._hasher = new_hasher()
         final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-        self._fh: BinaryIO = open(self._tmp, "wb")
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
 
-    def write(self, data: bytes | memoryview) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append bytes (hashing them on the way)."""
+        view = memoryview(data).cast("B")
         try:
-            self._fh.write(data)
+            _write_all(self._fd, view)
         except OSError as err:
             raise LedgerWriteError(f"could not write shard {self.final}: {err}") from err
-        self._hasher.update(data)
-        self.size += len(data)
-        return len(data)
+        self._hasher.update(view)
+        self.size += len(view)
+        return len(view)
 
-    def __enter__(self) -> "AtomicFile":
-        return self
+    def writev(self, buffers: "list[bytes | bytearray | memoryview]") -> int:
+        """Append several buffers with as few ``writev`` calls as the system allows."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        views = [v for v in views if len(v)]
+        total = 0
+        try:
+            for start in range(0, len(views), _IOV_MAX):
+                batch = views[start:start + _IOV_MAX]
+                expected = sum(len(v) for v in batch)
+                written = os.writev(self._fd, batch)
+                if written < expected:  # a short write: finish it buffer by buffer
+                    _finish_short_writev(self._fd, batch, written)
+                total += expected
+        except OSError as err:
+            raise LedgerWriteError(f"could not write shard {self.final}: {err}") from err
+        for view in views:
+            self._hasher.update(view)
+        self.size += total
+        return total
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
-            self._fh.close()
+            os.close(self._fd)
             self._tmp.unlink(missing_ok=True)
             return
+        closed = False
         try:
-            self._fh.flush()
             crash_point("blob.after_temp_write")
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+            os.fsync(self._fd)
+            os.close(self._fd)
+            closed = True
             crash_point("blob.after_fsync")
             os.replace(self._tmp, self.final)
             crash_point("blob.after_rename")
@@ -388,10 +465,28 @@ class AtomicFile(AtomicSink):
             crash_point("blob.after_dir_fsync")
         except OSError as err:
             # fsync failing is never retried hoping it worked: the pages may already be dropped.
-            self._fh.close()
+            if not closed:
+                os.close(self._fd)
             self._tmp.unlink(missing_ok=True)
             raise LedgerWriteError(f"could not durably write shard {self.final}: {err}") from err
         self.hash = format_hash(self._hasher)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    """``os.write`` until every byte is written (a write may be short; the GIL is released inside)."""
+    while len(view):
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _finish_short_writev(fd: int, batch: list[memoryview], written: int) -> None:
+    """After a ``writev`` wrote only ``written`` bytes of ``batch``, write the rest."""
+    for view in batch:
+        if written >= len(view):
+            written -= len(view)
+            continue
+        _write_all(fd, view[written:])
+        written = 0
 
 
 def blob_store_for(url_or_path: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str]) -> BlobStore:

@@ -157,3 +157,36 @@ def test_a_hash_naming_an_unknown_algorithm_never_vouches_for_a_blob(store):
             store.verify(info.location, recorded)
         with pytest.raises(CorruptBlobError, match="names no known algorithm"):
             store.read(info.location, expected_hash=recorded)
+
+
+def test_streamed_writes_hash_and_store_exactly_the_bytes_in_order(store):
+    pieces = [b"head", bytearray(b"-middle-"), memoryview(DATA), b"", b"tail"]
+    with store.open_atomic("blobs/c/e1/streamed") as sink:
+        sink.write(pieces[0])
+        sink.writev(pieces[1:])
+    whole = b"".join(bytes(p) for p in pieces)
+    assert sink.location == "blobs/c/e1/streamed" and sink.size == len(whole)
+    single = store.write("blobs/c/e1/single", whole)
+    assert sink.hash == single.hash  # the hash is of the byte stream, however it was cut up
+    store.verify(sink.location, sink.hash, sink.size)
+
+
+def test_writev_with_more_buffers_than_one_system_call_takes(store):
+    pieces = [bytes([i % 251]) * (i % 7) for i in range(3000)]
+    with store.open_atomic("blobs/c/e1/many") as sink:
+        sink.writev(pieces)
+    assert store.read("blobs/c/e1/many", expected_hash=sink.hash) == b"".join(pieces)
+
+
+def test_open_read_is_seekable_and_reads_into_buffers(store):
+    info = store.write("blobs/c/e1/r0", DATA)
+    with store.open_read(info.location) as fh:
+        fh.seek(100)
+        buffer = bytearray(50)
+        assert fh.readinto(buffer) == 50 and bytes(buffer) == DATA[100:150]
+        assert fh.tell() == 150
+        fh.seek(-6, os.SEEK_END)
+        assert fh.read(100) == DATA[-6:]
+    with pytest.raises(CorruptBlobError, match="missing") as caught:
+        store.open_read("blobs/c/e1/nothing")
+    assert caught.value.found_hash is None
