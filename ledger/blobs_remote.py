@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from ledger import codecs
 from ledger.blobs import (
     HASH_ALGO,
-    AtomicSink,
+    BlobWriter,
     BlobInfo,
     BlobStore,
     HashProgress,
@@ -131,7 +131,7 @@ class FsspecBlobStore(BlobStore):
 
     # -- writing ---------------------------------------------------------------------------
 
-    def open_atomic(self, location: str) -> AtomicSink:
+    def open_atomic(self, location: str) -> BlobWriter:
         if self.is_s3:
             return MultipartUpload(self, self._path(location), part_bytes=self.part_bytes)
         return _TempThenMove(self, self._path(location))
@@ -158,7 +158,8 @@ class FsspecBlobStore(BlobStore):
         try:
             return self.fs.open(path, "rb", block_size=READ_BYTES)
         except FileNotFoundError:
-            raise
+            raise CorruptBlobError(f"shard {location} is missing from {self.url}", location=location,
+                                   expected_hash=None, found_hash=None) from None
         except STORE_ERRORS as err:
             raise BlobStoreError(f"could not open {self.url}/{location}: {_one_line(err)}") from err
 
@@ -183,8 +184,6 @@ class FsspecBlobStore(BlobStore):
         with self.open_read(location) as stream:
             try:
                 return hash_stream(stream, algo, progress, chunk_bytes=READ_BYTES)
-            except FileNotFoundError:
-                raise
             except STORE_ERRORS as err:
                 raise BlobStoreError(f"could not read {self.url}/{location}: {_one_line(err)}") from err
 
@@ -254,7 +253,7 @@ def _abort(fs: Any, bucket: str, key: str, upload_id: str) -> None:
         pass  # already gone (aborted or completed by someone else)
 
 
-class MultipartUpload(AtomicSink):
+class MultipartUpload(BlobWriter):
     """One S3 object written as a stream: single PUT if small, else a multipart upload whose parts
     go out while later bytes are still being written. Visible only after a clean exit."""
 
@@ -263,6 +262,7 @@ class MultipartUpload(AtomicSink):
         self._store = store
         self._fs = store.fs
         self._path = path
+        self.location = path[len(store.root) + 1:]
         self._bucket, self._key, _ = self._fs.split_path(path)
         self._part_bytes = part_bytes
         self._max_in_flight = max_in_flight
@@ -363,12 +363,13 @@ class MultipartUpload(AtomicSink):
                 pass  # the store is unreachable: the orphan upload stays invisible until gc aborts it
 
 
-class _TempThenMove(AtomicSink):
+class _TempThenMove(BlobWriter):
     """For fsspec filesystems other than S3: write a temporary object, then move it into place."""
 
     def __init__(self, store: FsspecBlobStore, path: str) -> None:
         self._fs = store.fs
         self._final = path
+        self.location = path[len(store.root) + 1:]
         head, _, name = path.rpartition("/")
         self._tmp = f"{head}/.{name}.{uuid.uuid4().hex}.tmp"
         self._fs.makedirs(head, exist_ok=True)
