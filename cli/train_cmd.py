@@ -40,13 +40,17 @@ STACK_CHOICES = ("ddp", "fsdp", "tppp")
               help="Restart all workers up to N times after a worker dies (each restart resumes).")
 @click.option("--codec", type=click.Choice(("none", "zstd", "zstd-bg")), default="none", show_default=True,
               help="How checkpoint files store tensors: plain, zstd, or byte-grouped zstd (smaller floats).")
+@click.option("--blobs", default=None, metavar="DIR|URL",
+              help="Where checkpoint shards go: a directory or an fsspec URL such as s3://bucket/prefix "
+                   "(default: the run directory). Endpoint and keys come from AWS_ENDPOINT_URL, "
+                   "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or fsspec config, never from the URL.")
 @click.option("--sync-checkpoint", "sync_checkpoint", is_flag=True, default=False,
               help="Block training for every checkpoint (default: periodic ones are written in the background).")
 def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_schedule: str,
                   pp_microbatches: int | None, steps: int, ckpt_every: int,
                   eval_every: int, keep_last: int | None, keep_every: int | None, keep_best: int | None,
                   resume: str | None, pretrained: str | None, seed: int, max_restarts: int,
-                  codec: str, sync_checkpoint: bool) -> None:
+                  codec: str, blobs: str | None, sync_checkpoint: bool) -> None:
     """Train the embedded default job (a tiny transformer LM on generated text).
 
     Exits 0 when the run reaches --steps, 75 when preempted (SIGTERM/SIGUSR1) after
@@ -59,6 +63,7 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
       ckpt-ledger train --run-dir runs/exp1 --stack fsdp --nproc 2 --steps 300
       ckpt-ledger train --run-dir runs/exp1 --resume latest --steps 600
       ckpt-ledger train --run-dir runs/exp2 --stack tppp --tp 2 --pp 2 --nproc 4
+      AWS_ENDPOINT_URL=http://127.0.0.1:8333 ckpt-ledger train --run-dir runs/exp3 --blobs s3://ckpts/exp3
     """
     # Imported here: torch is heavy and only `train` needs it.
     import torch
@@ -81,12 +86,15 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
         get_stack(stack).topology(world, tp=tp, pp=pp)
     except ValueError as err:
         raise CliError(f"--stack {stack}: {err}", EXIT_USAGE) from None
+    if blobs is not None and "://" not in blobs:
+        blobs = os.path.abspath(blobs)  # recorded for read commands run from anywhere
     try:
         config = TrainerConfig(
             run_dir=run_dir, stack=stack, tp=tp, pp=pp, pp_schedule=pp_schedule, pp_microbatches=pp_microbatches,
             steps=steps, ckpt_every=ckpt_every, eval_every=eval_every,
             keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, resume=resume, pretrained=pretrained,
-            seed=seed, async_checkpoint=not sync_checkpoint, checkpoint_codec=codec, job=JobSpec().as_dict(),
+            seed=seed, async_checkpoint=not sync_checkpoint, checkpoint_codec=codec, blobs=blobs,
+            job=JobSpec().as_dict(),
         )
     except ValueError as err:
         raise CliError(str(err), EXIT_USAGE) from None

@@ -37,14 +37,15 @@ from typing import Any, Iterator
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ledger import CorruptBlobError, IncompleteCheckpointError, LedgerError, LocalBlobStore, RetentionPolicy
+from ledger import BlobStore, CorruptBlobError, IncompleteCheckpointError, LedgerError, LocalBlobStore, RetentionPolicy
 from ledger.blobs import fsync_dir
 from ledger.faults import crash_point
 from ledger.projection import CheckpointState
-from trainer.dcp_codec import reader_registry, writer_extensions
+from trainer.blob_fs import BlobStoreWriter, dcp_reader
+from trainer.dcp_codec import writer_extensions
 from trainer.journal import RunJournal, ShardFact
 from trainer.process_group import DistContext, broadcast_object, gather_objects, new_side_group
 from trainer.staging import StagingArea
@@ -239,9 +240,9 @@ class Checkpointer:
 
     def __init__(self, ctx: DistContext, run_dir: str, journal: RunJournal | None, *, stack: str,
                  topology: dict[str, int], retention: RetentionPolicy, background: bool = False,
-                 codec: str = "none") -> None:
+                 codec: str = "none", blobs: BlobStore | None = None) -> None:
         self.ctx = ctx
-        self.blobs = LocalBlobStore(run_dir)
+        self.blobs = blobs if blobs is not None else LocalBlobStore(run_dir)
         self.journal = journal
         self.stack = stack
         self.topology = topology
@@ -403,6 +404,8 @@ class Checkpointer:
             print(f"[ckpt-ledger] could not record the abort of {checkpoint_id}: {err}", file=sys.stderr, flush=True)
 
     def _write_and_hash(self, state: dict[str, Any], location: str, group: dist.ProcessGroup | None) -> RankReport:
+        if not isinstance(self.blobs, LocalBlobStore):
+            return self._write_to_store(state, location, group)
         rank = self.ctx.rank
         directory = self.blobs.path(location)
         writer = RecordingWriter(directory, self.codec)
@@ -422,6 +425,30 @@ class Checkpointer:
         crash_point("trainer.after_shard_write")
         crash_point(f"trainer.rank{rank}.after_shard_write")
         return RankReport(rank, tuple(shards))
+
+    def _write_to_store(self, state: dict[str, Any], location: str, group: dist.ProcessGroup | None) -> RankReport:
+        """Write this rank's shards straight into a (remote) blob store, hashed while uploaded.
+
+        Each file is published whole when complete (an S3 object on completing its upload);
+        a failure leaves nothing visible, and whatever this rank did publish is removed.
+        """
+        rank = self.ctx.rank
+        writer = BlobStoreWriter(self.blobs, location, self.codec)
+        try:
+            with _without_zip_crc32():
+                dcp.save(state, storage_writer=writer, process_group=group)
+            shards = tuple(ShardFact(rank=rank, location=loc, bytes=size, hash=digest)
+                           for loc, (size, digest) in writer.fs.written.items())
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported; the coordinator aborts with it
+            for loc in writer.fs.written:
+                try:
+                    self.blobs.delete(loc)
+                except LedgerError:
+                    pass  # the store is unreachable: gc removes it once the abort is recorded
+            return RankReport(rank, (), _one_line(err))
+        crash_point("trainer.after_shard_write")
+        crash_point(f"trainer.rank{rank}.after_shard_write")
+        return RankReport(rank, shards)
 
     def _decide(self, journal: RunJournal, checkpoint_id: str, step: int, reports: list[RankReport],
                 started: float) -> SaveOutcome:
@@ -464,5 +491,4 @@ class Checkpointer:
     def load(self, candidate: Candidate, template: dict[str, Any]) -> None:
         """Read a verified checkpoint into ``template`` in place (collective)."""
         # One registry reads every codec: each item's is recorded in the checkpoint's .metadata.
-        reader = FileSystemReader(self.blobs.path(candidate.directory()), _extension_registry=reader_registry())
-        dcp.load(template, storage_reader=reader)
+        dcp.load(template, storage_reader=dcp_reader(self.blobs, candidate.directory()))

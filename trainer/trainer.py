@@ -32,6 +32,7 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.optim.lr_scheduler import LambdaLR
 
 from ledger import LedgerError, RetentionPolicy
+from ledger.blobs import blob_store_for
 from ledger.faults import crash_point
 from trainer.checkpointing import BackgroundCheckpointError, Candidate, Checkpointer, SaveOutcome
 from trainer.config import TrainerConfig
@@ -151,18 +152,24 @@ class Trainer:
         self.data = data_fn(dp_rank, dp_size, cfg.seed, ctx.device)
 
         # 7. Read the projection: rank 0 alone opens the ledger, records the run's identity once.
-        view = None
+        view, blobs = None, None
         if ctx.is_coordinator:
             self.journal = RunJournal(cfg.run_dir)
             canonical = cfg.canonical()
-            _, same = self.journal.start_run(canonical, config_hash(canonical), code_id())
+            _, same = self.journal.start_run(canonical, config_hash(canonical), code_id(), blobs=cfg.blobs)
             if not same:
                 self._say("note: this config differs from the one the run started with (see run.started)")
             view = self.journal.projection()
+            blobs = self._recorded_blobs()
+        # Every rank writes its own shards straight to the run's store: it learns where from rank 0.
+        blobs_url, error = broadcast_object(blobs)
+        if error is not None:
+            raise BadInputError(error)
         self.checkpointer = Checkpointer(
             ctx, cfg.run_dir, self.journal, stack=cfg.stack, topology=self.topology.as_dict(),
             retention=RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every, keep_best=cfg.keep_best),
             background=cfg.async_checkpoint, codec=cfg.checkpoint_codec,
+            blobs=self.journal.blobs if self.journal is not None else blob_store_for(blobs_url, cfg.run_dir),
         )
         self.checkpoint_timings = self.checkpointer.timings
         self._background_error: BackgroundCheckpointError | None = None
@@ -175,6 +182,16 @@ class Trainer:
         self._saved_step = self.step if plan.candidate is not None else None
 
     # -- setup helpers ----------------------------------------------------------------------------
+
+    def _recorded_blobs(self) -> tuple[str | None, str | None]:
+        """Rank 0: ``(blob URL run.started recorded, error)`` — another ``blobs`` than the recorded one is an error."""
+        recorded = self.journal.blobs.url  # type: ignore[union-attr]
+        wanted = self.config.blobs
+        if wanted is not None and wanted.rstrip("/") != (recorded or "").rstrip("/"):
+            where = recorded or "the run directory"
+            return recorded, (f"this run keeps its checkpoints in {where} (recorded in run.started), not {wanted}; "
+                              "drop --blobs to use the recorded place")
+        return recorded, None
 
     def _begin_attempt(self, plan: StartPlan) -> int:
         """Rank 0 records the attempt and any corruption found; every rank learns the epoch."""
