@@ -169,27 +169,6 @@ class BlobWriter(ABC):
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         """Commit (clean exit) or discard (exception): see the class docstring."""
 
-    # The rest of a write-only stream, so a writer can be handed to code expecting a file
-    # (DCP's storage writer: trainer/blob_fs.py).
-
-    def writable(self) -> bool:
-        """Always: this is an output stream."""
-        return True
-
-    def seekable(self) -> bool:
-        """Never: blobs are written front to back."""
-        return False
-
-    def tell(self) -> int:
-        """Bytes written so far (the offset the next write lands at)."""
-        return self.size
-
-    def flush(self) -> None:
-        """Nothing to do: durability and visibility come with leaving the ``with`` block."""
-
-    def close(self) -> None:
-        """Nothing to do: leaving the ``with`` block publishes (or discards) the blob."""
-
 
 class BlobStore(ABC):
     """Where shard bytes live. Implement the abstract methods for another backend.

@@ -16,6 +16,7 @@ attempt has not ended and its checkpoint is not finished) is never a stray.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -136,8 +137,9 @@ def plan_gc(led: "Ledger", policy: retention.RetentionPolicy) -> GcPlan:
     listing = list(led.blobs.list_files())  # before projecting: see stray_files
     uploads = led.blobs.unfinished_uploads()
     view = led.projection()
-    return GcPlan(policy=policy, deletions=retention.plan(view.state, policy, view.best_rule),
-                  strays=stray_files(view.state, listing) + stray_uploads(view.state, uploads), seq=view.seq)
+    return GcPlan(policy=policy, deletions=retention.plan(view.state, policy, view.best_rule, now=time.time()),
+                  strays=stray_files(view.state, listing) + stray_uploads(view.state, uploads),
+                  seq=view.seq)
 
 
 @dataclass(frozen=True, slots=True)

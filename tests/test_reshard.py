@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from distributed_ranks import run_ranks, run_trainer
 from ledger import Ledger
 from trainer.checkpointing import Candidate
+from trainer.dcp_codec import reader_registry
 from trainer.default_job import JobSpec
 from trainer.export import consolidated_model_state
 
@@ -46,14 +47,16 @@ def checkpoint_dir(run_dir: Path, checkpoint_id: str) -> Path:
 
 def saved_optimizer_state(directory: Path) -> dict[str, torch.Tensor]:
     """Every ``optim.state.*`` tensor of a DCP checkpoint, consolidated offline (keys ``fqn.name``)."""
-    metadata = FileSystemReader(directory).read_metadata()
+    # DCP's own reader, given our extension registry, reads the raw layout too.
+    metadata = FileSystemReader(directory, _extension_registry=reader_registry()).read_metadata()
     prefix = "optim.state."
     template = {key: torch.empty(md.size, dtype=md.properties.dtype)
                 for key, md in metadata.state_dict_metadata.items()
                 if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(template, storage_reader=FileSystemReader(directory), no_dist=True)
+        dcp.load(template, storage_reader=FileSystemReader(directory, _extension_registry=reader_registry()),
+                 no_dist=True)
     return {key[len(prefix):]: value for key, value in template.items()}
 
 

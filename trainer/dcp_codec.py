@@ -45,8 +45,10 @@ shows on tiny tensors.
 from __future__ import annotations
 
 import io
-from typing import IO
+import math
+from typing import IO, Sequence
 
+import torch
 import zstandard
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 
@@ -92,7 +94,80 @@ def reader_registry() -> ExtensionRegistry:
     registry = ExtensionRegistry()
     registry.register(ChecksummedZstd)  # replaces DCP's reader for "stream.zstd": ours reports truncation
     registry.register(ByteGroupedZstd)
+    registry.register(RawTensorBytes)
     return registry
+
+
+class RawTensorBytes(StreamTransformExtension):
+    """Marks a tensor item stored as its raw bytes (``trainer.checkpoint_storage``'s layout).
+
+    Descriptor ``raw-tensor@ckpt-ledger/1;dtype=D;shape=A,B,...``: the item (after any
+    codec listed before it is decoded) is the C-order bytes of a tensor of dtype ``D``
+    and shape ``A x B x ...`` — no ``torch.save`` container. Our reader
+    (``LedgerStorageReader``) reads such items straight into the destination tensor;
+    for DCP's own ``FileSystemReader`` given :func:`reader_registry`, :meth:`transform_from`
+    wraps the bytes in the ``torch.save`` container that reader expects (a copy, so it
+    is the slow path). A reader without this registry refuses the item by name.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, shape: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.shape = tuple(shape)
+
+    @staticmethod
+    def registry_name() -> str:
+        """``raw-tensor@ckpt-ledger``: a local-domain name, so it can never clash with DCP's."""
+        return "raw-tensor@ckpt-ledger"
+
+    @staticmethod
+    def from_descriptor(version: str) -> RawTensorBytes:
+        """The layout of a stored ``raw-tensor@ckpt-ledger/<version>`` item."""
+        descriptor = f"{RawTensorBytes.registry_name()}/{version}"
+        major, *pairs = version.split(";")
+        _check_major(descriptor, major)
+        params = dict(pair.partition("=")[::2] for pair in pairs)
+        dtype = getattr(torch, params.get("dtype", ""), None)
+        try:
+            shape = tuple(int(n) for n in params["shape"].split(",") if n)
+        except (KeyError, ValueError):
+            shape = None
+        if not isinstance(dtype, torch.dtype) or shape is None or any(n < 0 for n in shape):
+            raise _bad_descriptor(descriptor, "no valid dtype and shape")
+        return RawTensorBytes(dtype, shape)
+
+    @classmethod
+    def descriptor_for(cls, dtype: torch.dtype, shape: Sequence[int]) -> str:
+        """The descriptor of an item holding the raw bytes of a ``dtype`` tensor of ``shape``."""
+        return f"{cls.registry_name()}/1;dtype={str(dtype).removeprefix('torch.')};shape={','.join(map(str, shape))}"
+
+    def get_descriptor(self) -> str:
+        """``raw-tensor@ckpt-ledger/1;dtype=D;shape=...``."""
+        return self.descriptor_for(self.dtype, self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the raw item in bytes."""
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    def transform_to(self, output: IO[bytes]) -> IO[bytes]:
+        """Raw bytes are written as they are: the storage writer writes them itself."""
+        return output
+
+    def transform_from(self, input: IO[bytes]) -> IO[bytes]:  # noqa: A002 - DCP's parameter name
+        """The item as the ``torch.save`` container DCP's ``FileSystemReader`` loads (a copy)."""
+        data = bytearray(input.read(-1))
+        if len(data) != self.nbytes:
+            where = _describe(input)
+            raise CorruptBlobError(
+                f"checkpoint item {where} has {len(data)} bytes, its layout needs {self.nbytes}; the file is damaged",
+                location=where, expected_hash=None, found_hash=None)
+        tensor = torch.frombuffer(data, dtype=torch.uint8).view(self.dtype).reshape(self.shape) if data else \
+            torch.empty(self.shape, dtype=self.dtype)
+        container = io.BytesIO()
+        torch.save(tensor, container)
+        container.seek(0)
+        return container
 
 
 class ChecksummedZstd(StreamTransformExtension):

@@ -16,14 +16,11 @@ from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-
-from trainer.dcp_codec import reader_registry
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ledger import BlobStore, CorruptBlobError, Ledger
-from trainer.blob_fs import dcp_reader
-from trainer.checkpointing import Candidate
+from ledger import BlobStore, CorruptBlobError, Ledger, LocalBlobStore
+from trainer.checkpoint_candidates import Candidate
+from trainer.checkpoint_storage import LedgerStorageReader
 from trainer.errors import TrainerError
 from trainer.pretrained import plain_key
 
@@ -46,17 +43,16 @@ class ExportResult:
     out: Path
 
 
-def consolidated_model_state(directory: Path | str, *, blobs: BlobStore | None = None) -> dict[str, torch.Tensor]:
+def consolidated_model_state(directory: str | os.PathLike[str], blobs: BlobStore | None = None) -> dict[str, torch.Tensor]:
     """Every ``model.*`` tensor of a DCP checkpoint directory as one full tensor, keyed by plain name.
 
-    ``directory`` is a local directory, or with ``blobs`` a location in that blob store.
+    ``directory`` is a location in ``blobs``, or without ``blobs`` a local directory. Reads
+    both layouts: ckpt-ledger's raw one and DCP's own ``torch.save`` items.
     """
-    def make_reader() -> FileSystemReader:
-        if blobs is None:
-            return FileSystemReader(directory, _extension_registry=reader_registry())
-        return dcp_reader(blobs, str(directory))
-
-    metadata = make_reader().read_metadata()
+    if blobs is None:
+        blobs, directory = LocalBlobStore(directory), "."
+    reader = LedgerStorageReader(blobs, str(directory))
+    metadata = reader.read_metadata()
     template = {
         fqn[len(_MODEL_PREFIX):]: torch.empty(md.size, dtype=md.properties.dtype)
         for fqn, md in metadata.state_dict_metadata.items()
@@ -68,7 +64,7 @@ def consolidated_model_state(directory: Path | str, *, blobs: BlobStore | None =
     with warnings.catch_warnings():
         # no_dist=True is the point here; DCP warns that it found no process group.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, storage_reader=make_reader(), no_dist=True)
+        dcp.load(state, storage_reader=LedgerStorageReader(blobs, str(directory)), no_dist=True)
     return {plain_key(k): v for k, v in state["model"].items()}
 
 
@@ -99,7 +95,7 @@ def export_model(run_dir: str | os.PathLike[str], ref: str, out: str | os.PathLi
         directory = candidate.directory()
     except CorruptBlobError as err:
         raise ExportRefusedError(str(err)) from None
-    state = consolidated_model_state(directory, blobs=ledger.blobs)
+    state = consolidated_model_state(directory, ledger.blobs)
 
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -164,12 +164,20 @@ class RunJournal:
 
     def commit_checkpoint(self, checkpoint_id: str, shards: Sequence[ShardFact]) -> bool:
         """Record every shard, then commit; ``False`` when fenced. Refusals (a missing rank) raise."""
+        return self.record_and_commit(checkpoint_id, shards)[0]
+
+    def record_and_commit(self, checkpoint_id: str, shards: Sequence[ShardFact]) -> tuple[bool, bool]:
+        """:meth:`commit_checkpoint`, also saying whether the ``shard.written`` records were appended.
+
+        ``(committed, shards_recorded)``: a fenced writer whose shards were not recorded owns
+        files nothing refers to, and removes them.
+        """
         events = [ShardWritten(checkpoint_id=checkpoint_id, rank=s.rank, location=s.location, bytes=s.bytes,
                                hash=s.hash, codec=s.codec) for s in shards]
         if self._guard(lambda: self.ledger.record_shards(checkpoint_id, events, epoch=self.epoch)) is None:
-            return False
+            return False, False
         crash_point("trainer.before_commit")
-        return self._guard(lambda: self.ledger.commit_checkpoint(checkpoint_id, epoch=self.epoch)) is not None
+        return self._guard(lambda: self.ledger.commit_checkpoint(checkpoint_id, epoch=self.epoch)) is not None, True
 
     def abort_checkpoint(self, checkpoint_id: str, reason: str) -> None:
         """Record that the checkpoint will never be committed, and why."""
