@@ -16,7 +16,7 @@ import sys
 from trainer.journal import RunJournal
 from trainer.identity import user_code_id, ledger_version
 journal = RunJournal(sys.argv[1])
-journal.start_run({}, "h", user_code_id(), ledger_version())
+journal.start_run({}, "h", user_code_id(), ledger_version=ledger_version())
 journal.close()
 """
 

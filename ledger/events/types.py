@@ -31,6 +31,9 @@ class RunStarted(Event, tag="run.started"):
     holding the entry script; ``None`` outside git. Logs before ckpt-ledger 0.2 hold ckpt-ledger's own commit."""
     ledger_version: str | None = None
     """The ckpt-ledger version (and git commit, when run from a checkout) that wrote the run."""
+    blobs: str | None = None
+    """Where the shard blobs are: a directory or an fsspec URL such as ``s3://bucket/prefix``,
+    never with credentials; ``None``: the run directory."""
 
 
 class AttemptStarted(Event, tag="attempt.started"):
