@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from trainer_support import QUICK, REPO, cli_env, run_cli, view_of
 
 from ledger import Ledger
 from ledger.events import AttemptEnded, ShardWritten
+from trainer.checkpoint_storage import LedgerStorageReader
 from trainer.train_state import UnsafeCheckpointError, capture_rng, from_bytes, restore_rng, to_bytes
 
 
@@ -30,12 +32,14 @@ class _Planted:
         return (open, (self.path, "w"))
 
 
-def _read_everything(directory: Path, scratch: Path) -> dict:
-    """A DCP checkpoint as one nested dict (the test's own, trusted read of a file it just made)."""
+def _read_everything(led: Ledger, directory: str) -> dict:
+    """A DCP checkpoint as one nested dict (the test's own, trusted read of a checkpoint it just made)."""
+    state: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp_to_torch_save(directory, scratch)
-    return torch.load(scratch, weights_only=False)
+        _load_state_dict(state, storage_reader=LedgerStorageReader(led.blobs, directory),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return state
 
 
 def _plant(run_dir: Path, target: Path, where: str) -> str:
@@ -43,7 +47,7 @@ def _plant(run_dir: Path, target: Path, where: str) -> str:
     record it in the ledger with matching hashes (as an attacker with write access to both would)."""
     led = Ledger.open(run_dir)
     source = led.projection().resume
-    state = _read_everything(led.blobs.path(source.shards[0].location).parent, target.with_name('full.pt'))
+    state = _read_everything(led, source.shards[0].location.rsplit('/', 1)[0])
     if where == "dcp":
         state["trainer"] = _Planted(target)  # DCP's own non-tensor item layer
     else:
