@@ -47,7 +47,7 @@ def test_read_model_equals_full_replay_at_every_prefix(entries: list[Entry], sch
         a, b = Ledger.open(run_dir), Ledger.open(run_dir)
         abandoned = []
         try:
-            todo, epoch, appended = list(entries), 0, 0
+            todo, epoch = list(entries), 0
             for action in schedule + ["a"] * len(entries):
                 if not todo:
                     break
@@ -63,9 +63,7 @@ def test_read_model_equals_full_replay_at_every_prefix(entries: list[Entry], sch
                 entry = todo.pop(0)
                 append_one(a if action == "a" else b, entry, epoch)
                 epoch += entry.how == "begin"
-                appended += 1
-                stored = a.events()
-                assert len(stored) == appended
+                stored = a.events()  # may hold more than the entries: writers add facts (alias moves)
                 check_prefix(run_dir, stored)  # StoredEvent carries what fold() needs
         finally:
             for handle in (a, b, *abandoned):
