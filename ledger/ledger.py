@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -32,6 +33,7 @@ from ledger.health import (
 )
 from ledger.projection import PROJECTION_VERSION, AttemptState, State, encode_state, fold_chunks
 from ledger.read_model import READ_MODEL_VERSION, ReadModelFolder, load_state, open_view
+from ledger.run_address import PostgresRun, parse_run_address
 from ledger.store import (
     OPERATOR_EPOCH,
     LedgerStore,
@@ -71,11 +73,12 @@ class Attempt:
 class Ledger:
     """One run's ledger. Open with :meth:`open`; writers and read-only readers share this API."""
 
-    def __init__(self, run_dir: Path, store: LedgerStore, read_only: bool) -> None:
+    def __init__(self, run_dir: Path | PostgresRun, store: LedgerStore, read_only: bool) -> None:
         self.run_dir = run_dir
         self.read_only = read_only
         self._store = store
-        self.blobs = LocalBlobStore(run_dir)
+        # A PostgreSQL run has no directory: its blobs are where run.started.blobs says (--blobs).
+        self.blobs = LocalBlobStore(run_dir) if isinstance(run_dir, Path) else None
         # Writers fold every append into the read model inside its transaction (ledger/read_model.py).
         self._folder = None if read_only else ReadModelFolder()
         self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)
@@ -85,15 +88,24 @@ class Ledger:
             self._rebuild_read_model_if_stale()
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike[str], *, read_only: bool = False) -> "Ledger":
-        """Open ``RUN_DIR/ledger.db``. Writers create it if missing; read-only never creates or changes a file."""
-        run_dir = Path(run_dir)
-        return cls(run_dir, open_store(run_dir, read_only=read_only), read_only)
+    def open(cls, run_dir: str | os.PathLike[str] | PostgresRun, *, read_only: bool = False) -> "Ledger":
+        """Open ``RUN_DIR/ledger.db``, or a run in a PostgreSQL database (``postgresql://…/DB?run=NAME``).
+
+        Writers create the ledger (a PostgreSQL schema and run row) if missing; read-only
+        never creates or changes anything.
+        """
+        address = parse_run_address(run_dir)
+        return cls(address, open_store(address, read_only=read_only), read_only)
 
     @property
     def path(self) -> Path:
-        """The ledger database file."""
+        """The ledger database file (for a PostgreSQL run, its URL as a path: use :attr:`location`)."""
         return Path(self._store.location)
+
+    @property
+    def location(self) -> str:
+        """Where the ledger lives, for messages: the file path or the run's URL (never a password)."""
+        return self._store.location
 
     @property
     def store(self) -> LedgerStore:
@@ -167,7 +179,7 @@ class Ledger:
 
     def _writer(self) -> LedgerStore:
         if self.read_only:
-            raise LedgerError(f"{self.path} was opened read-only; open it with read_only=False to append")
+            raise LedgerError(f"{self.location} was opened read-only; open it with read_only=False to append")
         return self._store
 
     def append(self, event: Event, *, epoch: int | None = None, event_id: str | None = None) -> int:
@@ -318,7 +330,7 @@ class Ledger:
                         dry_run: bool = False) -> list[retention.Deletion]:
         """Plan retention from the projection and (unless ``dry_run``) carry it out crash-safely."""
         view = self.projection()
-        planned = retention.plan(view.state, policy, view.best_rule)
+        planned = retention.plan(view.state, policy, view.best_rule, now=time.time())
         if dry_run or not planned:
             return planned
         return retention.execute(self, planned, epoch=OPERATOR_EPOCH if epoch is None else epoch)
@@ -398,7 +410,7 @@ class Ledger:
         store = self._read(lambda reader: reader.health(thorough=thorough))
         view = self.projection()
         state = view.state
-        anomalies = store_anomalies(store, str(self.path))
+        anomalies = store_anomalies(store, self.location)
         replayed = self.full_replay(at=state.seq)
         replayed.seq = state.seq
         has_snapshots = self._read(lambda r: r.snapshot_count(projection_version=PROJECTION_VERSION))

@@ -16,6 +16,7 @@ import pytest
 
 from ledger.errors import FencedError, LedgerError, LedgerNotFoundError
 from ledger.events import AttemptStarted, CheckpointCommitted, CheckpointStarted, ShardWritten, StepCompleted
+from ledger.run_address import parse_run_address
 from ledger.store import (
     OPERATOR_EPOCH,
     CheckpointRow,
@@ -52,9 +53,32 @@ class SqliteBackend:
             store.close()
 
 
-@pytest.fixture(params=["sqlite"])
+@dataclass
+class PostgresBackend:
+    """A run of its own in a ledger database shared with other runs, on a real PostgreSQL server."""
+
+    run_url: str
+    opened: list[LedgerStore] = field(default_factory=list)
+
+    def open(self, *, read_only: bool = False) -> LedgerStore:
+        store = open_store(parse_run_address(self.run_url), read_only=read_only)
+        self.opened.append(store)
+        return store
+
+    def open_missing(self) -> LedgerStore:
+        return open_store(parse_run_address(f"{self.run_url}-nowhere"), read_only=True)
+
+    def close(self) -> None:
+        for store in self.opened:
+            store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
 def store_backend(request, tmp_path):
-    backend = SqliteBackend(tmp_path / "run")
+    if request.param == "postgres":
+        backend = PostgresBackend(request.getfixturevalue("pg_run_url"))
+    else:
+        backend = SqliteBackend(tmp_path / "run")
     yield backend
     backend.close()
 
