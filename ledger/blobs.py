@@ -19,6 +19,7 @@ implement; :class:`LocalBlobStore` is the local-filesystem one.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 import uuid
@@ -167,6 +168,15 @@ class BlobStore(ABC):
     def size(self, location: str) -> int | None:
         """Stored size in bytes, or ``None`` when nothing is stored at ``location``."""
 
+    def map_read(self, location: str) -> memoryview | None:
+        """The stored bytes as a read-only ``memoryview`` without copying them, or ``None``.
+
+        Optional: a backend that can map a blob into memory (a local file) returns the
+        mapping (valid as long as the view is referenced); the default, ``None``, tells the
+        caller to read through :meth:`open_read` instead.
+        """
+        return None
+
     @abstractmethod
     def exists(self, location: str) -> bool:
         """Whether a blob is stored at ``location``."""
@@ -269,6 +279,18 @@ class LocalBlobStore(BlobStore):
         """The file itself, unbuffered (large ``readinto`` calls go straight to the kernel)."""
         try:
             return open(self.path(location), "rb", buffering=0)
+        except FileNotFoundError:
+            raise CorruptBlobError(
+                f"shard {location} is missing", location=location, expected_hash=None, found_hash=None
+            ) from None
+
+    def map_read(self, location: str) -> memoryview | None:
+        """The file mapped read-only (pages the page cache holds are not copied); missing: ``CorruptBlobError``."""
+        try:
+            with open(self.path(location), "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    return memoryview(b"")
+                return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))  # the view keeps the map
         except FileNotFoundError:
             raise CorruptBlobError(
                 f"shard {location} is missing", location=location, expected_hash=None, found_hash=None
