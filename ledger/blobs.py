@@ -31,7 +31,7 @@ from typing import BinaryIO, Iterator
 import xxhash
 
 from ledger import codecs
-from ledger.direct_io import DirectAppender, open_direct, refused_direct
+from ledger.direct_io import open_direct
 from ledger.errors import CorruptBlobError, LedgerWriteError
 from ledger.faults import crash_point
 
@@ -357,8 +357,7 @@ class AtomicFile(BlobWriter):
         final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        direct_fd = open_direct(self._tmp)
-        self._direct = DirectAppender(direct_fd) if direct_fd is not None else None
+        self._direct = open_direct(self._tmp)  # None where the file system refuses O_DIRECT
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append bytes (hashing them on the way)."""
@@ -381,14 +380,9 @@ class AtomicFile(BlobWriter):
     def _append(self, views: list[memoryview]) -> None:
         try:
             if self._direct is not None:
-                try:
-                    for view in views:
-                        self._direct.append(view)
-                    return
-                except OSError as err:
-                    if self._direct.written or not refused_direct(err):
-                        raise
-                    views = self._fall_back_to_buffered(views)
+                for view in views:
+                    self._direct.append(view)
+                return
             for start in range(0, len(views), _IOV_MAX):
                 batch = views[start:start + _IOV_MAX]
                 written = os.writev(self._fd, batch)
@@ -396,21 +390,6 @@ class AtomicFile(BlobWriter):
                     _finish_short_writev(self._fd, batch, written)
         except OSError as err:
             raise LedgerWriteError(f"could not write shard {self.final}: {err}") from err
-
-    def _fall_back_to_buffered(self, views: list[memoryview]) -> list[memoryview]:
-        """The file system took the ``O_DIRECT`` open but not the write: what was gathered goes the ordinary way."""
-        direct, self._direct = self._direct, None
-        pending = bytes(direct.pending)
-        direct.close()
-        appended = len(pending) - self.size  # of ``views``, the part the direct path had already taken
-        rest: list[memoryview] = []
-        for view in views:
-            if appended >= len(view):
-                appended -= len(view)
-                continue
-            rest.append(view[max(appended, 0):])
-            appended = 0
-        return [memoryview(pending)] + rest if pending else rest
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:

@@ -206,18 +206,3 @@ def test_direct_writes_keep_the_exact_size_and_bytes_across_block_and_buffer_edg
         sink.writev([data[size // 3: size // 2], data[size // 2:]])
     assert store.size("blobs/c/e1/r0") == size == sink.size
     assert store.read("blobs/c/e1/r0", expected_hash=sink.hash) == data
-
-
-def test_a_file_system_refusing_direct_writes_falls_back_without_losing_bytes(tmp_path, monkeypatch):
-    import errno
-
-    def refuse(self, length):  # noqa: ANN001, ANN202 - what a file system without O_DIRECT answers
-        raise OSError(errno.EINVAL, "Invalid argument")
-
-    monkeypatch.setattr(direct_io.DirectAppender, "_write", refuse)
-    store = LocalBlobStore(tmp_path)
-    data = os.urandom(direct_io.BOUNCE_BYTES + 999)
-    with store.open_atomic("blobs/c/e1/r0") as sink:
-        sink.write(data[:100])
-        sink.writev([data[100:], b"tail"])
-    assert store.read("blobs/c/e1/r0", expected_hash=sink.hash) == data + b"tail"
