@@ -7,7 +7,7 @@ accumulated) against 0.07 s to overwrite an existing file and 0.05 s with ``O_DI
 
 Direct I/O needs the memory address, the file offset and the length of every write
 aligned to the device's block size. :class:`DirectAppender` copies the caller's buffers
-into page-aligned bounce buffers (numpy copies, GIL released) and writes each full one
+into page-aligned bounce buffers (reused from file to file; numpy copies, GIL released) and writes each full one
 with ``pwrite`` on a helper thread while the next one fills (two buffers: the copy and
 the disk overlap); the last block is zero-padded and the file truncated back to its true
 size. Where the file system refuses ``O_DIRECT`` (the probe write when opening fails)
@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -26,7 +27,26 @@ import numpy as np
 #: Alignment of addresses, offsets and lengths (a multiple of every common logical block size).
 ALIGN = 4096
 #: Bytes gathered before each write: large sequential writes, a small fixed amount of memory.
-BOUNCE_BYTES = 8 << 20
+BOUNCE_BYTES = 4 << 20
+#: Bounce buffers kept for the next file (their pages are touched once per process, not per file).
+_POOL_SIZE = 4
+_pool: list[mmap.mmap] = []
+_pool_lock = threading.Lock()
+
+
+def _take_buffer() -> mmap.mmap:
+    with _pool_lock:
+        if _pool:
+            return _pool.pop()
+    return mmap.mmap(-1, BOUNCE_BYTES)  # page-aligned
+
+
+def _give_back(buffer: mmap.mmap) -> None:
+    with _pool_lock:
+        if len(_pool) < _POOL_SIZE:
+            _pool.append(buffer)
+            return
+    buffer.close()
 
 
 def open_direct(path: os.PathLike[str] | str) -> "DirectAppender | None":
@@ -60,8 +80,7 @@ class DirectAppender:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        # Page-aligned, zero-filled, touched only as far as used.
-        self._maps = [mmap.mmap(-1, BOUNCE_BYTES), mmap.mmap(-1, BOUNCE_BYTES)]
+        self._maps = [_take_buffer(), _take_buffer()]
         self._arrays = [np.frombuffer(m, dtype=np.uint8) for m in self._maps]
         self._current = 0
         self._fill = 0
@@ -100,7 +119,8 @@ class DirectAppender:
             self._writer.shutdown(wait=True)
             self._arrays = []
             for buffer in self._maps:
-                buffer.close()
+                _give_back(buffer)
+            self._maps = []
             os.close(self.fd)
 
     def _hand_off(self, length: int) -> None:
