@@ -357,7 +357,12 @@ class AtomicFile(BlobWriter):
         final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        self._direct = open_direct(self._tmp)  # None where the file system refuses O_DIRECT
+        try:
+            self._direct = open_direct(self._tmp)  # None where the file system refuses O_DIRECT
+        except OSError as err:  # the probe write failed for another reason (no space, I/O error)
+            os.close(self._fd)
+            self._tmp.unlink(missing_ok=True)
+            raise LedgerWriteError(f"could not write shard {self.final}: {err}") from err
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append bytes (hashing them on the way)."""
