@@ -23,10 +23,10 @@ and a step is cheap (AdamW keeps two moments per parameter: 33.6M parameters are
   ``commit_sync_vs_raw_write`` the same for the final, synchronous checkpoint.
 * ``async_peak_extra_memory`` — how much the process's resident set grows from the first
   checkpoint on (staging buffers, writer), vs the state size.
-* ``resume_load_vs_raw_read`` — verifying (hashing every shard) and loading the resume
+* ``resume_load_vs_raw_read`` (in ``bench/resume_load.py``) — verifying (hashing every shard) and loading the resume
   checkpoint into the model's and optimizer's state dicts vs reading the same files into
   one preallocated buffer.
-* ``step_overhead`` — mean step time of a run checkpointing every ``N`` steps vs the
+* ``step_overhead`` (in ``bench/step_overhead.py``) — mean step time of a run checkpointing every ``N`` steps vs the
   same run checkpointing only at the end, over the same steps (the final checkpoint
   excluded); ``step_overhead_sync`` is the same with synchronous checkpoints, and
   ``lost_training_async_vs_sync`` the training time one checkpoint costs, async vs sync.
@@ -51,11 +51,10 @@ import mmap
 import os
 import shutil
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -67,12 +66,12 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from bench._background_save import write_raw
+from bench._checkpoint_floors import PreallocatedCopy, RssSampler, write_raw_direct
 from bench.harness import Context, Record, benchmark, median, spread, time_once
-from ledger import Ledger, LocalBlobStore, RetentionPolicy
+from ledger import LocalBlobStore
 from trainer import Trainer, TrainerConfig
-from trainer.checkpointing import Candidate, Checkpointer, CheckpointTiming
-from trainer.process_group import free_port, init_distributed
-from trainer.train_state import load_template
+from trainer.checkpointing import CheckpointTiming
+from trainer.process_group import free_port
 
 VOCAB, BATCH = 16, 4
 #: The training thread is one busy core, as a GPU job's Python thread is (and as in
@@ -177,34 +176,6 @@ def single_rank_process(threads: int = TRAINING_THREADS) -> Iterator[None]:
                 os.environ[key] = value
 
 
-class RssSampler:
-    """Samples this process's resident set size every ``interval_s`` on a thread (a context manager)."""
-
-    def __init__(self, interval_s: float = 0.002) -> None:
-        self.interval_s = interval_s
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        with open("/proc/self/statm", "rb") as statm:
-            while not self._stop.is_set():
-                statm.seek(0)
-                self.samples.append((time.perf_counter(), int(statm.read().split()[1]) * self._page))
-                self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "RssSampler":
-        if os.path.exists("/proc/self/statm"):
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-
 def train(run_dir: Path, shape: Shape, *, steps: int, ckpt_every: int, async_checkpoint: bool,
           keep: bool = False) -> RunResult:
     """One fresh run of the trainer on ``WideMLP(shape)``; the run directory is removed afterwards unless ``keep``."""
@@ -279,29 +250,6 @@ class DcpAsyncSave:
     def close(self) -> None:
         """Free the stager's buffers."""
         self.stager.close()
-
-
-class PreallocatedCopy:
-    """The physical floor of a snapshot: copying the same tensors into buffers allocated once."""
-
-    def __init__(self, state: Any) -> None:  # noqa: ANN401 - nested dicts/lists of tensors
-        self.sources = list(_tensors(state))
-        self.buffers = [torch.empty_like(t) for t in self.sources]
-
-    def __call__(self) -> None:
-        for buffer, source in zip(self.buffers, self.sources):
-            buffer.copy_(source)
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:  # noqa: ANN401
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 @contextlib.contextmanager
@@ -533,190 +481,6 @@ def async_peak_extra_memory(ctx: Context) -> list[Record]:
              f"worst of {len(s.runs)} runs, vs the state size; " + _state_note(s),
         detail=_session_detail(s),
     )]
-
-
-# -- resume load -------------------------------------------------------------------------------------
-
-
-def write_raw_direct(staged: memoryview, path: str) -> None:
-    """Context for the raw floor: the same bytes written with ``O_DIRECT`` (from an aligned buffer), then fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o644)
-    try:
-        chunk = 8 << 20
-        for offset in range(0, len(staged), chunk):
-            piece = staged[offset:offset + chunk]
-            while len(piece):
-                piece = piece[os.write(fd, piece):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_raw(paths: list[Path], buffer: memoryview) -> int:
-    """The floor of reading files back: ``readinto`` one preallocated buffer, file after file."""
-    total = 0
-    for path in paths:
-        with open(path, "rb", buffering=0) as file:
-            while count := file.readinto(buffer[total:]):
-                total += count
-    return total
-
-
-@benchmark("resume_load_vs_raw_read")
-def resume_load_vs_raw_read(ctx: Context) -> list[Record]:
-    shape = Shape(width=ctx.reps(768, 2048), layers=8)
-    rounds = ctx.reps(2, 3)
-    scratch = ctx.scratch("resume-load")
-    run_dir = scratch / "run"
-    ours: list[float] = []
-    raw: list[float] = []
-    with single_rank_process(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train(run_dir, shape, steps=2, ckpt_every=2, async_checkpoint=False, keep=True)
-        candidate = Candidate.of(Ledger.open(run_dir, read_only=True).projection().resume)
-        blobs = LocalBlobStore(run_dir)
-        paths = [blobs.path(shard.location) for shard in candidate.shards]
-        nbytes = sum(shard.bytes for shard in candidate.shards)
-        buffer = memoryview(torch.empty(nbytes, dtype=torch.uint8).numpy()).cast("B")
-        model, optimizer = baseline_state(shape)
-        with process_group():
-            dist_ctx = init_distributed(60.0)
-            checkpointer = Checkpointer(dist_ctx, blobs, None, stack="ddp", topology={"dp": 1, "tp": 1, "pp": 1},
-                                        retention=RetentionPolicy())
-
-            def verified_load() -> None:
-                model_sd, optim_sd = get_state_dict(model, optimizer)
-                if checkpointer.verify(candidate):
-                    raise RuntimeError(f"checkpoint {candidate.checkpoint_id} does not verify")
-                checkpointer.load(candidate, load_template(model_state=model_sd, optim_state=optim_sd, rank=0))
-
-            read_raw(paths, buffer)  # untimed warm-up: both read what the page cache holds
-            for r in range(rounds):
-                for name in (("ours", "raw") if r % 2 == 0 else ("raw", "ours")):
-                    if name == "ours":
-                        ours.append(time_once(verified_load))
-                    else:
-                        raw.append(time_once(lambda: read_raw(paths, buffer)))
-    shutil.rmtree(run_dir)
-    mine, base = median(ours), median(raw)
-    return [Record.of(
-        "resume_load_vs_raw_read", mine, base, "s", goal="ratio <= 1.5", met=mine / base <= 1.5,
-        note=f"verified load of the resume checkpoint (every shard hashed, then DCP's load into the model's and "
-             f"AdamW's state dicts) vs readinto of the same {nbytes / 1e6:.0f} MB into one preallocated buffer, "
-             f"both from the page cache; {rounds} rounds, order alternated",
-        detail={"state_bytes": shape.state_bytes(), "bytes": nbytes, "ours_s": spread(ours), "raw_s": spread(raw)},
-    )]
-
-
-# -- step overhead -----------------------------------------------------------------------------------
-
-
-def _mean_step(run: RunResult, first: int, last: int) -> float:
-    """Mean wall time of steps ``first..last`` (1-based, inclusive) of one run."""
-    window = run.steps[first - 1:last]
-    return sum(window) / len(window)
-
-
-def checkpoint_steps(runs: list[RunResult]) -> set[int]:
-    """Steps during which an asynchronous checkpoint of any of ``runs`` was stalling or being written.
-
-    From the checkpoint's step to the step in which its ``durable_s`` ran out (inclusive).
-    """
-    touched: set[int] = set()
-    for run in runs:
-        for t in run.timings:
-            if t.synchronous or t.durable_s is None:
-                continue
-            ends = run.marks[t.step - 1] + run.steps[t.step - 1] + t.durable_s
-            step = t.step
-            while step < len(run.marks) and run.marks[step - 1] <= ends:
-                touched.add(step)
-                step += 1
-    return touched
-
-
-def relative_mean_step(run: RunResult, first: int, last: int, touched: set[int]) -> tuple[float, float]:
-    """``(relative mean, reference)`` of steps ``first..last``: the reference is the median of the
-    steps outside ``touched``; the relative mean is the mean of the steps with those outside
-    ``touched`` counted at the reference and those inside as measured, over the reference.
-
-    Other jobs on a shared box move whole runs' step times by tens of percent and add bursts of
-    slow steps anywhere; the reference cancels the first, and keeping measured times only where a
-    checkpoint can act (the same steps in every variant) keeps the second out of the comparison.
-    """
-    window = range(first, last + 1)
-    reference = median([run.steps[s - 1] for s in window if s not in touched])
-    excess = sum(run.steps[s - 1] - reference for s in window if s in touched)
-    return 1.0 + excess / (len(window) * reference), reference
-
-
-@benchmark("step_overhead")
-def step_overhead(ctx: Context) -> list[Record]:
-    # A small state (12.7 MB) so that a checkpoint's background save (~0.2 s here) is a small part
-    # of the interval (~1/6 in quick runs, ~1/25 in full ones) and a run stays short.
-    shape = Shape(width=512, layers=4)
-    ckpt_every, ckpts, rounds = ctx.reps(50, 250), ctx.reps(1, 2), 3  # 3 runs: a median, even quick
-    steps = ckpt_every * (ckpts + 1)
-    # Steps 2 .. steps-1: every periodic checkpoint (stall and background work), not the first step
-    # (warm-up) nor the last (it holds the final, synchronous checkpoint, which every variant takes).
-    first, last = 2, steps - 1
-    scratch = ctx.scratch("step-overhead")
-    variants: dict[str, Callable[[Path], RunResult]] = {
-        "async": lambda d: train(d, shape, steps=steps, ckpt_every=ckpt_every, async_checkpoint=True),
-        "none": lambda d: train(d, shape, steps=steps, ckpt_every=steps, async_checkpoint=True),
-        "sync": lambda d: train(d, shape, steps=steps, ckpt_every=ckpt_every, async_checkpoint=False),
-    }
-    runs: dict[str, list[RunResult]] = {v: [] for v in variants}
-    names = list(variants)
-    with single_rank_process():
-        for r in range(rounds):
-            for name in names[r % 3:] + names[: r % 3]:  # rotate who goes first
-                runs[name].append(variants[name](scratch / f"{name}{r}"))
-                ctx.log(f"{name}: mean step {_mean_step(runs[name][-1], first, last) * 1e3:.2f} ms")
-
-    # The same steps are set aside in every variant: those any async run spent checkpointing, and
-    # the checkpoint steps themselves (a synchronous save stalls only its own step).
-    touched = checkpoint_steps(runs["async"]) | set(range(ckpt_every, steps, ckpt_every))
-    relative = {v: [relative_mean_step(run, first, last, touched) for run in runs[v]] for v in variants}
-    reference = median([ref for v in variants for _, ref in relative[v]])
-    # Step times in ms at the common reference.
-    mean = {v: median([rel for rel, _ in relative[v]]) * reference for v in variants}
-    slowdown = {v: (mean[v] / mean["none"] - 1) * 100 for v in ("async", "sync")}
-    # What one checkpoint costs the run: the extra time over the measured steps, per checkpoint in them.
-    lost = {v: (mean[v] - mean["none"]) * (last - first + 1) / ckpts for v in ("async", "sync")}
-    background = [t.durable_s for run in runs["async"] for t in run.timings if not t.synchronous]
-    interval = reference * ckpt_every
-    raw = {v: median([_mean_step(run, first, last) for run in runs[v]]) for v in variants}
-    detail = {"shape": dataclasses.asdict(shape), "state_bytes": shape.state_bytes(), "ckpt_every": ckpt_every,
-              "steps": steps, "measured_steps": [first, last], "rounds": rounds, "training_threads": TRAINING_THREADS,
-              "steps_set_aside_for_reference": sorted(touched), "reference_step_s": reference,
-              "relative_mean_step": {v: spread([rel for rel, _ in relative[v]]) for v in variants},
-              "run_reference_step_s": {v: spread([ref for _, ref in relative[v]]) for v in variants},
-              "raw_mean_step_s": {v: spread([_mean_step(run, first, last) for run in runs[v]]) for v in variants},
-              "raw_slowdown_pct": {v: (raw[v] / raw["none"] - 1) * 100 for v in ("async", "sync")},
-              "checkpoint_interval_s": interval, "async_durable_s": spread(background), "lost_per_checkpoint_s": lost,
-              "interval_for_3.5pct_s": {v: lost[v] / 0.035 for v in lost},
-              "timings": {v: [[dataclasses.asdict(t) for t in run.timings] for run in runs[v]] for v in variants}}
-    what = (f"{shape.state_bytes() / 1e6:.1f} MB state, checkpoint every {ckpt_every} steps (~{interval:.1f}s of "
-            f"training; a background save took {median(background):.2f}s), steps {first}-{last} of {steps}, "
-            f"{rounds} runs each, steps away from any checkpoint counted at their run's median, in ms at "
-            f"the common median (raw means: async {detail['raw_slowdown_pct']['async']:+.1f}%, "
-            f"sync {detail['raw_slowdown_pct']['sync']:+.1f}%)")
-
-    def cost(v: str) -> str:
-        return f"{slowdown[v]:+.1f}%, {lost[v]:.3f}s of training per checkpoint"
-
-    return [
-        Record.of("step_overhead", mean["async"] * 1e3, mean["none"] * 1e3, "ms/step", goal="slowdown <= 3.5%",
-                  met=slowdown["async"] <= 3.5,
-                  note=f"mean step time with async checkpoints vs none: {cost('async')}; {what}", detail=detail),
-        Record.of("step_overhead_sync", mean["sync"] * 1e3, mean["none"] * 1e3, "ms/step",
-                  note=f"mean step time with synchronous checkpoints vs none: {cost('sync')}; {what}", detail=detail),
-        Record.of("lost_training_async_vs_sync", lost["async"], lost["sync"], "s/checkpoint", goal="ratio <= 0.5",
-                  met=lost["sync"] > 0 and lost["async"] / lost["sync"] <= 0.5,
-                  note=f"training time lost per checkpoint, async vs sync, from the same runs as step_overhead; "
-                       f"{what}", detail=detail),
-    ]
 
 
 if __name__ == "__main__":
