@@ -45,12 +45,9 @@ def inspect_command(run_dir: Path, as_json: bool, at_seq: int | None) -> None:
 
 def last_event_times(led: Ledger, view: View) -> dict[int, float]:
     """When each attempt that never recorded ``attempt.ended`` was last heard from (by its newest event)."""
-    times = {}
-    for attempt in view.attempts:
-        if attempt.ended_at is None:
-            found = led.events(after_seq=attempt.last_seq - 1, until_seq=attempt.last_seq)
-            times[attempt.epoch] = found[0].recorded_at if found else attempt.started_at
-    return times
+    open_attempts = [a for a in view.attempts if a.ended_at is None]
+    newest = led.last_events(open_attempts)
+    return {a.epoch: newest[a.epoch].recorded_at if a.epoch in newest else a.started_at for a in open_attempts}
 
 
 def _ref(ckpt) -> str:  # noqa: ANN001 - CheckpointState or None

@@ -11,7 +11,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from cli.options import json_option, open_read_only, run_dir_argument
-from cli.replay_cmd import format_event, stream_events
+from cli.event_lines import format_event
 from ledger import LEDGER_FILE, Ledger
 
 #: Re-read the log at least this often even if no file event arrived (e.g. a network file system).
@@ -34,14 +34,20 @@ class _LedgerChanged(FileSystemEventHandler):
 
 def _print_after(led: Ledger, after_seq: int, as_json: bool) -> int:
     """Print every event past ``after_seq``; return the last sequence number printed."""
-    for stored in stream_events(led, after_seq=after_seq):
+    for stored in led.iter_events(after=after_seq):
         click.echo(format_event(stored, as_json))
         after_seq = stored.seq
     return after_seq
 
 
 def follow(led: Ledger, after_seq: int, as_json: bool) -> None:
-    """Print new events as they are appended, until interrupted. Sleeps between file-system events."""
+    """Print new events as they are appended, until interrupted. Sleeps between file-system events
+    (a run in a database: between the server's notifications of committed appends)."""
+    wait_for_append = getattr(led.store, "wait_for_append", None)
+    if wait_for_append is not None:
+        while True:
+            wait_for_append(FALLBACK_S)
+            after_seq = _print_after(led, after_seq, as_json)
     wake = threading.Event()
     observer = Observer()
     observer.schedule(_LedgerChanged(wake), str(led.run_dir), recursive=False)

@@ -13,7 +13,6 @@ import click
 
 from cli.errors import EXIT_USAGE, CliError
 from cli.options import open_read_only, run_dir_argument
-from cli.replay_cmd import stream_events
 from ledger import Ledger
 from ledger.decisions import is_torn
 from ledger.events import PreemptionSignalled, StepCompleted
@@ -56,7 +55,7 @@ def check_out(out: Path) -> str:
 def read_series(led: Ledger) -> Series:
     """Loss (or the first metric) per attempt from ``step.completed``, and preemption points."""
     series = Series()
-    for stored in stream_events(led, tags=["step.completed", "preemption.signalled"]):
+    for stored in led.iter_events(tags=["step.completed", "preemption.signalled"]):
         event = stored.event
         if isinstance(event, PreemptionSignalled):
             series.preemptions.append((stored.epoch, event.step, event.signal))

@@ -13,15 +13,25 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ledger import decisions
-from ledger.blobs import hash_algo_of
-from ledger.gc import may_be_in_progress, stray_files
-from ledger.projection import PROJECTION_VERSION, CheckpointState, State, encode_state
-from ledger.store import trailing_garbage
+from ledger.blobs import parse_location
+from ledger.errors import CorruptBlobError
+from ledger.gc import may_be_in_progress, stray_files, stray_uploads
+from ledger.health import (
+    CREATION_LEFTOVER,
+    FENCING,
+    INTEGRITY,
+    PROTOCOL,
+    READ_MODEL_MISMATCH,
+    SEQ_GAP,
+    SNAPSHOT_MISMATCH,
+    TRAILING_GARBAGE,
+    Anomaly,
+)
+from ledger.projection import CheckpointState, State
 
 if TYPE_CHECKING:
     from ledger.ledger import Ledger
@@ -108,22 +118,20 @@ def audit(led: "Ledger", *, verify_blobs: bool = False, progress: Progress | Non
     word a finding, never to decide anything).
     """
     listing = list(led.blobs.list_files())  # before projecting, as gc does
+    uploads = led.blobs.unfinished_uploads()
     findings: list[Finding] = []
-    findings += _ledger_integrity(led, thorough=verify_blobs)
-    view = led.projection()
+    health = led.health(thorough=verify_blobs)
+    view = led.projection(at=health.seq)
     state = view.state
     report = AuditReport(run_dir=str(led.run_dir), seq=view.seq, findings=findings)
+    findings += [_health_finding(led, anomaly) for anomaly in health.anomalies]
     if view.seq == 0:
         findings.append(Finding("empty_ledger", NOTE, led.path.name, "the ledger has no events yet"))
-    findings += _snapshot_consistency(led, state)
-    findings += [Finding("anomaly", PROBLEM, "log", text,
-                         "a writer broke the checkpoint protocol here; report it with `ckpt-ledger replay` output "
-                         "around this seq", seq=_seq_of(text)) for text in view.anomalies]
     findings += _attempts(led, state, process_alive)
     findings += _checkpoints(led, state, verify_blobs, progress, report.checked)
-    for stray in stray_files(state, listing):
-        findings.append(Finding("stray_file", PROBLEM, stray.location, stray.reason,
-                                f"`ckpt-ledger gc {led.run_dir}` removes it"))
+    for stray in stray_files(state, listing) + stray_uploads(state, uploads):
+        findings.append(Finding("stray_upload" if stray.upload else "stray_file", PROBLEM, stray.location,
+                                stray.reason, f"`ckpt-ledger gc {led.run_dir}` {'aborts' if stray.upload else 'removes'} it"))
     live = [loc for loc in listing if may_be_in_progress(state, *_blob_owner(loc))]
     if live:
         findings.append(Finding("files_in_progress", NOTE, "blobs", f"{len(live)} file(s) belong to saves still in "
@@ -133,81 +141,49 @@ def audit(led: "Ledger", *, verify_blobs: bool = False, progress: Progress | Non
     return report
 
 
-def _seq_of(anomaly: str) -> int | None:
-    head = anomaly.split(":", 1)[0]
-    return int(head[4:]) if head.startswith("seq ") and head[4:].isdigit() else None
-
-
 def _blob_owner(location: str) -> tuple[str | None, int | None]:
-    parts = location.split("/")
-    if len(parts) >= 4 and parts[0] == "blobs" and parts[2][:1] == "e" and parts[2][1:].isdigit():
-        return parts[1], int(parts[2][1:])
-    return None, None
+    parsed = parse_location(location)
+    return (parsed.checkpoint_id, parsed.epoch) if parsed else (None, None)
 
 
 # -- the database file ---------------------------------------------------------------------------
 
-def _ledger_integrity(led: "Ledger", *, thorough: bool) -> list[Finding]:
+#: What to do about each kind of ledger anomaly (audit's ``fix``), and the finding kind it reports as.
+_FIXES = {
+    INTEGRITY: ("integrity", "stop writers, copy the run directory, then recover with `sqlite3 ledger.db .recover`"),
+    SEQ_GAP: ("seq_gap", "restore ledger.db from a backup; the log must never be edited"),
+    FENCING: ("fencing", "restore ledger.db from a backup"),
+    SNAPSHOT_MISMATCH: ("snapshot_mismatch",
+                        "decisions may be wrong until the snapshot is replaced; report this with the ledger attached"),
+    READ_MODEL_MISMATCH: ("read_model_mismatch",
+                          "decisions read from the read model may be wrong; report this with the ledger attached"),
+    PROTOCOL: ("anomaly", "a writer broke the checkpoint protocol here; report it with `ckpt-ledger replay` output "
+                          "around this seq"),
+}
+
+
+def _health_finding(led: "Ledger", anomaly: Anomaly) -> Finding:
     name = led.path.name
-    pragma = "integrity_check" if thorough else "quick_check"
-
-    def check(conn: sqlite3.Connection) -> dict[str, Any]:
-        return {
-            "integrity": [row[0] for row in conn.execute(f"PRAGMA {pragma}(20)")],
-            "page_count": conn.execute("PRAGMA page_count").fetchone()[0],
-            "page_size": conn.execute("PRAGMA page_size").fetchone()[0],
-            "events": conn.execute("SELECT COUNT(*), COALESCE(MIN(seq), 1), COALESCE(MAX(seq), 0) FROM events").fetchone(),
-            "max_epoch": int(conn.execute("SELECT value FROM meta WHERE key = 'max_epoch'").fetchone()[0]),
-            "event_epoch": conn.execute("SELECT COALESCE(MAX(epoch), 0) FROM events").fetchone()[0],
-        }
-
-    # Inside the ledger package, so the log's own read path is used: read-only stays read-only.
-    facts = led._log.query(check, f"run PRAGMA {pragma}")
-    found = []
-    if facts["integrity"] != ["ok"]:
-        found.append(Finding("integrity", PROBLEM, name, f"SQLite {pragma} failed: {'; '.join(facts['integrity'][:3])}",
-                             "stop writers, copy the run directory, then recover with `sqlite3 ledger.db .recover`"))
-    count, first, last = facts["events"]
-    if count != last or (count and first != 1):
-        found.append(Finding("seq_gap", PROBLEM, name, f"{count} events but sequence numbers run {first}..{last}: "
-                             "events were removed outside ckpt-ledger",
-                             "restore ledger.db from a backup; the log must never be edited"))
-    if facts["max_epoch"] < facts["event_epoch"]:
-        found.append(Finding("fencing", PROBLEM, name, f"meta max_epoch {facts['max_epoch']} is below the newest "
-                             f"event epoch {facts['event_epoch']}: fencing cannot stop a zombie attempt",
-                             "restore ledger.db from a backup"))
-    if garbage := trailing_garbage(led.path):
+    if anomaly.kind == TRAILING_GARBAGE:
+        garbage = int(anomaly.message.split(" ", 1)[0])
         size = led.path.stat().st_size
-        found.append(Finding("trailing_garbage", PROBLEM, name,
-                             f"{garbage} bytes past the database's last page ({facts['page_count']} pages x "
-                             f"{facts['page_size']}): something appended to the file; writers refuse it",
-                             f"back it up, then `truncate -s {size - garbage} {led.path}`"))
-    return found
-
-
-def _snapshot_consistency(led: "Ledger", state: State) -> list[Finding]:
-    def count(conn: sqlite3.Connection) -> int:
-        return conn.execute("SELECT COUNT(*) FROM snapshots WHERE projection_version = ?",
-                            (PROJECTION_VERSION,)).fetchone()[0]
-
-    if not led._log.query(count) or not state.seq:
-        return []
-    replayed = led.full_replay(at=state.seq)
-    replayed.seq = state.seq
-    if encode_state(replayed) == encode_state(state):
-        return []
-    return [Finding("snapshot_mismatch", PROBLEM, led.path.name,
-                    "the stored projection snapshot disagrees with a full replay of the log",
-                    "decisions may be wrong until the snapshot is replaced; report this with the ledger attached")]
+        return Finding("trailing_garbage", PROBLEM, name, anomaly.message,
+                       f"back it up, then `truncate -s {size - garbage} {led.path}`")
+    if anomaly.kind == CREATION_LEFTOVER:
+        return Finding("creation_leftover", PROBLEM, anomaly.message.split(" ", 1)[0], anomaly.message,
+                       "open the run for writing once (any `ckpt-ledger train`/`gc`/`pin`), or delete the file")
+    kind, fix = _FIXES.get(anomaly.kind, (anomaly.kind, "report this with the ledger attached"))
+    subject = "log" if anomaly.kind == PROTOCOL else name
+    return Finding(kind, PROBLEM, subject, anomaly.message if anomaly.kind != PROTOCOL or anomaly.seq is None
+                   else f"seq {anomaly.seq}: {anomaly.message}", fix, seq=anomaly.seq)
 
 
 # -- attempts -------------------------------------------------------------------------------------
 
 def _last_event(led: "Ledger", seq: int) -> str:
-    events = led.events(after_seq=seq - 1, until_seq=seq)
-    if not events:
+    stored = led.event_at(seq)
+    if stored is None:
         return f"seq {seq}"
-    stored = events[0]
     detail = ""
     for name in ("checkpoint_id", "step"):
         value = getattr(stored.event, name, None)
@@ -332,21 +308,24 @@ def _verify_hashes(led: "Ledger", state: State, shards: list[tuple[CheckpointSta
     for ckpt, shard in shards:
         size = led.blobs.size(shard.location)
         if size == shard.bytes:  # missing or resized files were reported already
+            def hashed(count: int, base: int = done) -> None:
+                if progress is not None:
+                    progress(base + count, total)
+
             try:
-                algo = hash_algo_of(shard.hash)
-            except ValueError as err:
-                found.append(Finding("hash_mismatch", PROBLEM, shard.location,
-                                     f"committed checkpoint {ckpt.checkpoint_id}: {err}",
-                                     "the recorded hash cannot be checked; treat the checkpoint as unverified",
-                                     seq=ckpt.committed_seq))
-                continue
-            digest, _ = led.blobs.hash_file(shard.location, algo)
-            if digest != shard.hash:
-                found.append(Finding("hash_mismatch", PROBLEM, shard.location,
-                                     f"committed checkpoint {ckpt.checkpoint_id}: content hash {digest} does not match "
-                                     f"the recorded {shard.hash}",
-                                     f"restore the file from a backup; {_fallback(state, ckpt)}",
-                                     seq=ckpt.committed_seq))
+                led.blobs.verify(shard.location, shard.hash, shard.bytes, progress=hashed)
+            except CorruptBlobError as err:
+                if err.found_hash is None:  # the recorded hash names no algorithm it could be checked with
+                    found.append(Finding("hash_mismatch", PROBLEM, shard.location,
+                                         f"committed checkpoint {ckpt.checkpoint_id}: {err}",
+                                         "the recorded hash cannot be checked; treat the checkpoint as unverified",
+                                         seq=ckpt.committed_seq))
+                else:
+                    found.append(Finding("hash_mismatch", PROBLEM, shard.location,
+                                         f"committed checkpoint {ckpt.checkpoint_id}: content hash {err.found_hash} "
+                                         f"does not match the recorded {shard.hash}",
+                                         f"restore the file from a backup; {_fallback(state, ckpt)}",
+                                         seq=ckpt.committed_seq))
         done += shard.bytes
         if progress is not None:
             progress(done, total)

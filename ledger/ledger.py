@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from ledger import retention
-from ledger.blobs import LocalBlobStore
+from ledger.blobs import BlobStore, blob_store_for
 from ledger.decisions import BestRule
 from ledger.errors import CorruptBlobError, DuplicateCheckpointError, IncompleteCheckpointError, LedgerError
 from ledger.events import (
@@ -24,19 +24,24 @@ from ledger.events import (
     ShardWritten,
 )
 from ledger.faults import crash_point
-from ledger.projection import PROJECTION_VERSION, State, decode_state, encode_state, fold_chunks
+from ledger.health import (
+    LedgerHealth,
+    protocol_anomalies,
+    read_model_anomalies,
+    snapshot_anomaly,
+    store_anomalies,
+)
+from ledger.projection import PROJECTION_VERSION, AttemptState, State, encode_state, fold_chunks
+from ledger.read_model import READ_MODEL_VERSION, ReadModelFolder, load_state, open_view
+from ledger.run_address import PostgresRun, parse_run_address
 from ledger.store import (
-    LEDGER_FILE,
     OPERATOR_EPOCH,
-    LogReader,
-    LogWriter,
+    LedgerStore,
+    Snapshot,
     StoredEvent,
-    checkpoint_events,
-    iter_event_chunks,
-    latest_snapshot,
-    latest_snapshot_seq,
-    max_seq,
-    read_events,
+    StoreReader,
+    open_store,
+    read_consistent,
 )
 from ledger.view import View
 
@@ -45,6 +50,9 @@ SNAPSHOT_EVERY = 5000
 #: ``close()`` stores a snapshot if at least this many events came after the last one, so
 #: the next cold open (a restarting job, ``inspect``) folds only a short tail.
 SNAPSHOT_ON_CLOSE = 500
+
+#: Sequence numbers read per transaction by :meth:`Ledger.iter_events`.
+PAGE = 2000
 
 #: Facts after which a checkpoint can never be committed (a pin, alias or metric does not end it).
 _ENDS_IN_FLIGHT = frozenset({
@@ -65,46 +73,116 @@ class Attempt:
 class Ledger:
     """One run's ledger. Open with :meth:`open`; writers and read-only readers share this API."""
 
-    def __init__(self, run_dir: Path, log: LogWriter | LogReader, read_only: bool) -> None:
+    def __init__(self, run_dir: Path | PostgresRun, store: LedgerStore, read_only: bool,
+                 blobs: BlobStore | None = None) -> None:
         self.run_dir = run_dir
         self.read_only = read_only
-        self._log = log
-        self.blobs = LocalBlobStore(run_dir)
-        self._cache: tuple[int, bytes] | None = None  # (seq, encoded state) of the newest projection
+        self._store = store
+        # Where the shards are: found from run.started.blobs on first use (see ``blobs``).
+        self._blobs = blobs
+        # Writers fold every append into the read model inside its transaction (ledger/read_model.py).
+        self._folder = None if read_only else ReadModelFolder()
         self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)
+        self._closed = False
+        self._reader_after_close: LedgerStore | None = None
+        if self._folder is not None:
+            self._rebuild_read_model_if_stale()
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike[str], *, read_only: bool = False) -> "Ledger":
-        """Open ``RUN_DIR/ledger.db``. Writers create it if missing; read-only never creates or changes a file."""
-        run_dir = Path(run_dir)
-        path = run_dir / LEDGER_FILE
-        log: LogWriter | LogReader = LogReader(path) if read_only else LogWriter(path)
-        return cls(run_dir, log, read_only)
+    def open(cls, run_dir: str | os.PathLike[str] | PostgresRun, *, read_only: bool = False,
+             blobs: BlobStore | None = None) -> "Ledger":
+        """Open ``RUN_DIR/ledger.db``, or a run in a PostgreSQL database (``postgresql://…/DB?run=NAME``).
+
+        Writers create the ledger (a PostgreSQL schema and run row) if missing; read-only
+        never creates or changes anything. ``blobs``: where the shards are; by default the
+        store ``run.started`` recorded (the run directory when it recorded none).
+        """
+        address = parse_run_address(run_dir)
+        return cls(address, open_store(address, read_only=read_only), read_only, blobs)
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The run's blob store, found from ``run.started.blobs`` on first use (so a command that
+        never touches a blob never connects to a remote store)."""
+        if self._blobs is None:
+            started = self.events(tags=["run.started"])
+            url = started[0].event.blobs if started else None  # type: ignore[attr-defined]
+            if url is None and not isinstance(self.run_dir, Path):
+                raise LedgerError(f"run {self.run_dir} is in a database and recorded no blob store; start it with "
+                                  "--blobs DIR|URL (a PostgreSQL run has no directory to keep shards in)")
+            if not started:
+                return blob_store_for(None, self.run_dir)  # not cached: start_run may still record one
+            self._blobs = blob_store_for(url, self.run_dir)
+        return self._blobs
 
     @property
     def path(self) -> Path:
-        """The ledger database file."""
-        return self._log.path
+        """The ledger database file (for a PostgreSQL run, its URL as a path: use :attr:`location`)."""
+        return Path(self._store.location)
+
+    @property
+    def location(self) -> str:
+        """Where the ledger lives, for messages: the file path or the run's URL (never a password)."""
+        return self._store.location
+
+    @property
+    def store(self) -> LedgerStore:
+        """The storage backend (for backend-specific diagnostics; everything else goes through this class)."""
+        return self._store
 
     def close(self) -> None:
         """Release the database connection (writers only hold one), snapshotting a long unsnapshotted tail first."""
-        if isinstance(self._log, LogWriter):
+        if not self.read_only:
             try:
                 self._snapshot_if_behind(SNAPSHOT_ON_CLOSE)
             except LedgerError:
                 pass  # a snapshot is only a cache: failing to store one must not make close() fail
-            self._log.close()
+        self._store.close()
+        self._closed = True
+
+    def _read(self, fn: Any) -> Any:
+        return read_consistent(self._store, fn)
+
+    def _read_for_view(self, fn: Any) -> Any:
+        """Reads of a view's lazily loaded parts: a view stays readable after its writer closed the ledger."""
+        if not self._closed or self.read_only:
+            return self._read(fn)
+        if self._reader_after_close is None:
+            self._reader_after_close = open_store(self.run_dir, read_only=True)
+        return read_consistent(self._reader_after_close, fn)
 
     def _snapshot_if_behind(self, threshold: int) -> None:
-        def behind(conn: sqlite3.Connection) -> int:
-            newest = max_seq(conn)
-            return newest - latest_snapshot_seq(conn, at_most=newest, projection_version=PROJECTION_VERSION)
+        def behind(reader: StoreReader) -> int:
+            newest = reader.max_seq()
+            return newest - reader.snapshot_seq(at_most=newest, projection_version=PROJECTION_VERSION)
 
-        if self._log.query(behind) >= threshold:
-            self.projection()  # folds from the in-memory cache and refreshes it
-            seq, state = self._cache  # type: ignore[misc]
-            self._writer().save_snapshot(seq, PROJECTION_VERSION, state)
-            self._snapshot_seq = seq
+        if self._read(behind) >= threshold:
+            self._save_snapshot()
+
+    def _save_snapshot(self) -> None:
+        folder = self._folder
+        assert folder is not None
+        state = folder.state if folder.state is not None else self._read(lambda r: load_state(r, r.max_seq()))
+        self._writer().save_snapshot(Snapshot(seq=state.seq, projection_version=PROJECTION_VERSION,
+                                              state=encode_state(state)))
+        self._snapshot_seq = state.seq
+
+    def _snapshot_if_far(self) -> None:
+        """After an append: snapshot once :data:`SNAPSHOT_EVERY` events have come since the last one."""
+        folder = self._folder
+        if folder is None or folder.state is None:
+            return
+        if self._snapshot_seq is None:
+            self._snapshot_seq = self._read(
+                lambda r: r.snapshot_seq(at_most=r.max_seq(), projection_version=PROJECTION_VERSION))
+        if folder.state.seq - self._snapshot_seq >= SNAPSHOT_EVERY:
+            self._save_snapshot()
+
+    def _rebuild_read_model_if_stale(self) -> None:
+        """A writer's open: bring a missing, older or lagging read model up to the log (readers never write it)."""
+        current = self._read(lambda r: r.read_model_seq(version=READ_MODEL_VERSION) == r.max_seq())
+        if not current:
+            self._store.append([], epoch=OPERATOR_EPOCH, maintainer=self._folder)
 
     def __enter__(self) -> "Ledger":
         return self
@@ -114,10 +192,10 @@ class Ledger:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _writer(self) -> LogWriter:
-        if not isinstance(self._log, LogWriter):
-            raise LedgerError(f"{self.path} was opened read-only; open it with read_only=False to append")
-        return self._log
+    def _writer(self) -> LedgerStore:
+        if self.read_only:
+            raise LedgerError(f"{self.location} was opened read-only; open it with read_only=False to append")
+        return self._store
 
     def append(self, event: Event, *, epoch: int | None = None, event_id: str | None = None) -> int:
         """Append one event under ``epoch`` (``None``: an operator write outside any attempt). Returns its seq.
@@ -133,14 +211,23 @@ class Ledger:
         """Append several events in one transaction (all or none)."""
         if not events:
             return []
-        return self._writer().append(events, epoch=OPERATOR_EPOCH if epoch is None else epoch, event_ids=event_ids)
+        seqs = self._writer().append(events, epoch=OPERATOR_EPOCH if epoch is None else epoch, event_ids=event_ids,
+                                     maintainer=self._folder)
+        self._snapshot_if_far()
+        return seqs
 
-    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None) -> RunStarted:
-        """Record the run's identity once; later calls return the stored ``run.started``."""
-        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id),
+    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None,
+                  blobs: str | None = None) -> RunStarted:
+        """Record the run's identity once; later calls return the stored ``run.started``.
+
+        ``blobs``: the blob store URL or directory (never with credentials; ``None``: the run directory).
+        """
+        if blobs is not None:
+            blob_store_for(blobs, self.run_dir)  # refuses a URL with credentials before it is recorded
+        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id, blobs=blobs),
                     event_id="run.started")
-        stored = self._writer().query(lambda c: read_events(c, tags=["run.started"]))
-        return stored[0].event  # type: ignore[return-value]
+        (stored,) = self._read(lambda reader: list(reader.events(tags=["run.started"], limit=1)))
+        return stored.event  # type: ignore[return-value]
 
     def begin_attempt(
         self,
@@ -163,7 +250,7 @@ class Ledger:
                 topology=dict(topology or {}), resumed_from=resumed_from, previous_topology=previous_topology,
             )
 
-        epoch, seq = self._writer().begin_epoch(make)
+        epoch, seq = self._writer().begin_epoch(make, maintainer=self._folder)
         return Attempt(epoch=epoch, seq=seq, event=make(epoch))
 
     # -- two-phase checkpoint protocol -------------------------------------------------------
@@ -177,10 +264,10 @@ class Ledger:
         event = CheckpointStarted(checkpoint_id=checkpoint_id, step=step, ranks=sorted(set(ranks)),
                                   world_size=world_size, stack=stack, topology=dict(topology or {}))
 
-        def make_started(conn: sqlite3.Connection) -> CheckpointStarted:
+        def make_started(about: Sequence[StoredEvent]) -> CheckpointStarted:
             # Ids are never reused: another attempt's save under this id (even a dead one's)
             # would otherwise be mistaken for ours, and retention could delete it under us.
-            for stored in checkpoint_events(conn, checkpoint_id):
+            for stored in about:
                 if isinstance(stored.event, CheckpointStarted):
                     raise DuplicateCheckpointError(
                         f"checkpoint id {checkpoint_id!r} was already begun by attempt {stored.epoch} (seq "
@@ -189,7 +276,8 @@ class Ledger:
             return event
 
         # The epoch in the event id makes a retry by the same attempt a no-op.
-        return self._writer().append_computed(make_started, epoch=epoch, event_id=f"{checkpoint_id}:started:e{epoch}")
+        return self._writer().append_checked(make_started, checkpoint_id=checkpoint_id, epoch=epoch,
+                                             event_id=f"{checkpoint_id}:started:e{epoch}", maintainer=self._folder)
 
     def record_shards(self, checkpoint_id: str, shards: Sequence[ShardWritten], *, epoch: int) -> list[int]:
         """Record durably written shard files (one ``shard.written`` each, in one transaction)."""
@@ -207,9 +295,11 @@ class Ledger:
         The check runs inside the commit's own transaction, so nothing (an abort, a
         newer attempt) can slip in between the check and the commit.
         """
-        def make_commit(conn: sqlite3.Connection) -> CheckpointCommitted:
+        blobs = self.blobs if verify else None  # resolved outside the transaction: it may read the log
+
+        def make_commit(about: Sequence[StoredEvent]) -> CheckpointCommitted:
             started, started_epoch, shards, ended = None, None, {}, None
-            for stored in checkpoint_events(conn, checkpoint_id):
+            for stored in about:
                 ev = stored.event
                 if isinstance(ev, CheckpointStarted):
                     started, started_epoch = ev, stored.epoch
@@ -231,13 +321,14 @@ class Ledger:
                 raise IncompleteCheckpointError(
                     f"cannot commit {checkpoint_id}: no shard recorded for rank(s) {missing}; abort it instead"
                 )
-            if verify:
+            if blobs is not None:
                 for shard in shards.values():
-                    self.blobs.verify(shard.location, shard.hash, shard.bytes)
+                    blobs.verify(shard.location, shard.hash, shard.bytes)
             return CheckpointCommitted(checkpoint_id=checkpoint_id, step=started.step)
 
         crash_point("ledger.before_commit")
-        seq = self._writer().append_computed(make_commit, epoch=epoch, event_id=f"{checkpoint_id}:committed")
+        seq = self._writer().append_checked(make_commit, checkpoint_id=checkpoint_id, epoch=epoch,
+                                            event_id=f"{checkpoint_id}:committed", maintainer=self._folder)
         crash_point("ledger.after_commit")
         return seq
 
@@ -262,7 +353,7 @@ class Ledger:
                         dry_run: bool = False) -> list[retention.Deletion]:
         """Plan retention from the projection and (unless ``dry_run``) carry it out crash-safely."""
         view = self.projection()
-        planned = retention.plan(view.state, policy, view.best_rule)
+        planned = retention.plan(view.state, policy, view.best_rule, now=time.time())
         if dry_run or not planned:
             return planned
         return retention.execute(self, planned, epoch=OPERATOR_EPOCH if epoch is None else epoch)
@@ -271,48 +362,83 @@ class Ledger:
 
     def events(self, *, after_seq: int = 0, until_seq: int | None = None,
                tags: Sequence[str] | None = None) -> list[StoredEvent]:
-        """Stored events in log order, optionally a range and only some tags."""
-        return self._log.query(lambda c: read_events(c, after_seq=after_seq, until_seq=until_seq, tags=tags))
+        """Stored events in log order, optionally a range and only some tags (all in memory: see :meth:`iter_events`)."""
+        return self._read(lambda r: list(r.events(after=after_seq, until=until_seq, tags=tags)))
+
+    def iter_events(self, *, after: int = 0, until: int | None = None, tags: Sequence[str] | None = None,
+                    page: int = PAGE) -> Iterator[StoredEvent]:
+        """Events with ``after < seq <= until`` (only ``tags`` if given), in log order, read ``page`` seqs at a time.
+
+        A big log is never held in memory, and the first event arrives at once. The log
+        is append-only, so pages read in separate transactions still form one
+        consistent prefix (the newest seq is fixed when iteration starts).
+        """
+        if page < 1:
+            raise ValueError(f"page must be >= 1, got {page}")
+        newest = self.max_seq()
+        end = newest if until is None else min(until, newest)
+        while after < end:
+            upto = min(after + page, end)
+            yield from self.events(after_seq=after, until_seq=upto, tags=tags)
+            after = upto
+
+    def event_at(self, seq: int) -> StoredEvent | None:
+        """The event stored at ``seq`` (``None`` past the end of the log)."""
+        found = self._read(lambda r: list(r.events(after=seq - 1, until=seq)))
+        return found[0] if found else None
+
+    def last_events(self, attempts: Iterable[AttemptState]) -> dict[int, StoredEvent]:
+        """The newest event of each attempt (by epoch), read in one transaction (an attempt's ``last_seq``)."""
+        wanted = {a.epoch: a.last_seq for a in attempts}
+
+        def read(reader: StoreReader) -> dict[int, StoredEvent]:
+            found = {}
+            for epoch, seq in wanted.items():
+                stored = next(reader.events(after=seq - 1, until=seq), None)
+                if stored is not None:
+                    found[epoch] = stored
+            return found
+
+        return self._read(read) if wanted else {}
 
     def max_seq(self) -> int:
         """The newest sequence number (0 when empty)."""
-        return self._log.query(max_seq)
+        return self._read(lambda r: r.max_seq())
 
     def projection(self, at: int | None = None, *, best_rule: BestRule | None = None) -> View:
-        """The run as of sequence ``at`` (default: now): snapshot + tail, folded."""
+        """The run as of sequence ``at`` (default: now).
+
+        Now: answered from the read model (indexed reads) when it covers the whole log;
+        otherwise, and in the past, the newest snapshot at or before ``at`` plus the tail, folded.
+        """
         if at is not None and at < 0:
             raise ValueError(f"sequence number must be >= 0, got {at}")
-        state, seq, folded, snapshot_seq = self._log.query(lambda c: self._fold_to(c, at), "project the ledger")
-        if at is None and isinstance(self._log, LogWriter):
-            # Cache the encoded state (bytes, immutable) so the next call folds only the tail.
-            if folded or self._cache is None or self._cache[0] != seq:
-                self._cache = (seq, encode_state(state))
-            # Snapshot by distance from the last one, not by this call's tail: a trainer
-            # projects after every commit, folding a few events at a time.
-            if self._snapshot_seq is None:
-                self._snapshot_seq = snapshot_seq
-            if seq - self._snapshot_seq >= SNAPSHOT_EVERY:
-                self._log.save_snapshot(seq, PROJECTION_VERSION, self._cache[1])
-                self._snapshot_seq = seq
-        return View(state, best_rule)
 
-    def _fold_to(self, conn: sqlite3.Connection, at: int | None) -> tuple[State, int, int, int]:
-        """Fold up to ``at``: returns (state, its seq, events folded, seq of the newest stored snapshot)."""
-        newest = max_seq(conn)
-        target = newest if at is None else min(at, newest)
-        start_seq, start = 0, None
-        if self._cache is not None and self._cache[0] <= target:
-            start_seq, start = self._cache
-        snapshot_seq = latest_snapshot_seq(conn, at_most=target, projection_version=PROJECTION_VERSION)
-        if snapshot_seq > start_seq:  # read the (possibly large) snapshot only when it is the better start
-            snap = latest_snapshot(conn, at_most=target, projection_version=PROJECTION_VERSION)
-            if snap is not None:
-                start_seq, start = snap
-        state = decode_state(start) if start is not None else State()
-        state = fold_chunks(iter_event_chunks(conn, after_seq=start_seq, until_seq=target), state)
-        state.seq = target
-        return state, target, target - start_seq, snapshot_seq
+        def read(reader: StoreReader) -> View:
+            view = open_view(reader, at, best_rule, self._read_for_view)
+            if view is not None:
+                return view
+            newest = reader.max_seq()
+            return View(load_state(reader, newest if at is None else min(at, newest)), best_rule)
+
+        return self._read(read)
 
     def full_replay(self, at: int | None = None) -> State:
         """Fold the whole log from seq 1, ignoring snapshots and caches (for checks and tests)."""
-        return self._log.query(lambda c: fold_chunks(iter_event_chunks(c, until_seq=at)))
+        return self._read(lambda r: fold_chunks(r.chunks(until=at)))
+
+    def health(self, *, thorough: bool = False) -> LedgerHealth:
+        """Check the ledger itself (never the blobs): the store's integrity, its caches against a replay,
+        and the protocol violations in the log. ``thorough`` runs the slow full database check."""
+        store = self._read(lambda reader: reader.health(thorough=thorough))
+        view = self.projection()
+        state = view.state
+        anomalies = store_anomalies(store, self.location)
+        replayed = self.full_replay(at=state.seq)
+        replayed.seq = state.seq
+        has_snapshots = self._read(lambda r: r.snapshot_count(projection_version=PROJECTION_VERSION))
+        if has_snapshots and state.seq:
+            anomalies += snapshot_anomaly(state, replayed)
+        anomalies += read_model_anomalies(view, View(replayed, view.best_rule))
+        anomalies += protocol_anomalies(state)
+        return LedgerHealth(seq=view.seq, store=store, anomalies=anomalies)

@@ -163,16 +163,16 @@ def test_unreadable_ledger_exits_two(tmp_path, damage):
 
 
 def test_snapshot_is_checked_against_a_full_replay(tmp_path):
-    import sqlite3
-
     from ledger.projection import State, encode_state
     from runs import build_big_log
+
+    from ledger.store import raw
 
     build_big_log(tmp_path / "run", 5200)
     led = Ledger.open(tmp_path / "run")
     led.projection()  # a writer stores a snapshot once enough events have accumulated
     led.close()
-    conn = sqlite3.connect(tmp_path / "run" / "ledger.db")
+    conn = raw.connect(tmp_path / "run" / "ledger.db")
     (snap_seq,) = conn.execute("SELECT MAX(seq) FROM snapshots").fetchone()
     assert snap_seq is not None
     code, data = audit_json(tmp_path / "run")

@@ -4,11 +4,12 @@ and not a single byte of any file created or changed."""
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from ledger.store import raw
 
 from runs import build_healthy_run, cli_argv, cli_env, run_main, snapshot_tree
 
@@ -25,18 +26,18 @@ def world(tmp_path_factory) -> Path:
     (root / "junk").mkdir()
     (root / "junk" / "ledger.db").write_bytes(bytes(range(256)) * 40)
     (root / "foreign").mkdir()
-    conn = sqlite3.connect(root / "foreign" / "ledger.db")
+    conn = raw.connect(root / "foreign" / "ledger.db")
     conn.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, tag TEXT)")
     conn.commit()
     conn.close()
     (root / "dirdb" / "ledger.db").mkdir(parents=True)
     build_healthy_run(root / "newer")
-    conn = sqlite3.connect(root / "newer" / "ledger.db")
+    conn = raw.connect(root / "newer" / "ledger.db")
     conn.execute("PRAGMA user_version = 99")
     conn.commit()
     conn.close()
     build_healthy_run(root / "unknowntag")
-    conn = sqlite3.connect(root / "unknowntag" / "ledger.db")
+    conn = raw.connect(root / "unknowntag" / "ledger.db")
     conn.execute("INSERT INTO events (seq, event_id, epoch, recorded_at, tag, schema_version, payload) "
                  "VALUES (43, 'x', 2, 0, 'model.exploded', 1, '{}')")
     conn.commit()

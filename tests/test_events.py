@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sqlite3
 from pathlib import Path
 
 import msgspec
@@ -12,6 +11,7 @@ import pytest
 from ledger import CorruptLedgerError, Ledger, SchemaTooNewError, UnknownEventError
 from ledger.events import EVENT_TYPES, ShardWritten, decode, encode, schema_of, tag_of
 from ledger.events import types as event_types
+from ledger.store import raw
 
 # One fully populated instance per tag. The test below fails if a tag is added without one here.
 SAMPLES = {
@@ -77,7 +77,7 @@ def test_v1_shard_written_keeps_a_prefixed_hash():
 
 def _inject(run_dir: Path, *, tag: str, schema_version: int, payload: str) -> int:
     """Add a raw row to a real ledger, as a newer or broken tool might have; returns its seq."""
-    with sqlite3.connect(run_dir / "ledger.db") as conn:
+    with raw.connect(run_dir / "ledger.db") as conn:
         seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
         conn.execute(
             "INSERT INTO events (seq, event_id, epoch, recorded_at, tag, schema_version, payload) "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ledger import Ledger
+from ledger.store import raw
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM_SOURCE = Path(__file__).parent / "faultlib" / "fault_inject.c"
@@ -49,7 +49,7 @@ def acknowledged(stdout: str) -> dict[int, str]:
 
 
 def check_ledger_intact(run_dir: Path, acks: dict[int, str]) -> Ledger:
-    conn = sqlite3.connect(f"file:{run_dir / 'ledger.db'}?mode=ro", uri=True)
+    conn = raw.connect(f"file:{run_dir / 'ledger.db'}?mode=ro", uri=True)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
     led = Ledger.open(run_dir, read_only=True)

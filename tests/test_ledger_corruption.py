@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from ledger import CorruptLedgerError, Ledger, SchemaTooNewError, UnknownEventError
 from ledger.events import ShardWritten, StepCompleted
+from ledger.store import raw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,27 +53,27 @@ def append_garbage(db: Path) -> None:
 
 
 def newer_format(db: Path) -> None:
-    conn = sqlite3.connect(db)
+    conn = raw.connect(db)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
 
 
 def unknown_tag(db: Path) -> None:
-    conn = sqlite3.connect(db)
+    conn = raw.connect(db)
     conn.execute("UPDATE events SET tag = 'checkpoint.teleported' WHERE seq = 3")
     conn.commit()
     conn.close()
 
 
 def newer_schema(db: Path) -> None:
-    conn = sqlite3.connect(db)
+    conn = raw.connect(db)
     conn.execute("UPDATE events SET schema_version = 7 WHERE seq = 4")
     conn.commit()
     conn.close()
 
 
 def garbled_payload(db: Path) -> None:
-    conn = sqlite3.connect(db)
+    conn = raw.connect(db)
     conn.execute("UPDATE events SET payload = '{\"tag\":\"step.completed\",\"step\":\"many\"}' WHERE seq = 5")
     conn.commit()
     conn.close()
@@ -95,11 +95,15 @@ def test_damaged_ledger_is_refused_unchanged(tmp_path, damage, error, words):
     make_run(run_dir)
     damage(run_dir / "ledger.db")
     before = fingerprint(run_dir)
+    # Cached answers (the read model, snapshots) do not re-read the events they cover; everything
+    # that reads the events themselves (a replay, the full state, inspect, audit) refuses the damage.
     with pytest.raises(error, match=words):
-        Ledger.open(run_dir, read_only=True).projection()
+        Ledger.open(run_dir, read_only=True).projection().state
+    with pytest.raises(error, match=words):
+        list(Ledger.open(run_dir, read_only=True).iter_events())
     with pytest.raises(error, match=words):
         with Ledger.open(run_dir) as writer:
-            writer.projection()
+            writer.full_replay()
     result = inspect(run_dir)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -122,7 +126,7 @@ def test_missing_wal_with_committed_frames_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     make_run(run_dir)
     # Simulate a crashed writer: copy the live -wal/-shm pair while a connection holds them open.
-    holder = sqlite3.connect(run_dir / "ledger.db")
+    holder = raw.connect(run_dir / "ledger.db")
     holder.execute("PRAGMA wal_autocheckpoint = 0")
     holder.execute("INSERT INTO meta (key, value) VALUES ('probe', 'x')")
     holder.commit()

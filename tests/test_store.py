@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from ledger import (
     SchemaTooNewError,
 )
 from ledger.events import CheckpointPinned, StepCompleted
-from ledger.store import APPLICATION_ID, LEDGER_FORMAT
+from ledger.store import APPLICATION_ID, LEDGER_FORMAT, raw
 
 
 def test_seqs_are_contiguous_from_one(run_dir):
@@ -91,11 +90,11 @@ def test_unbegun_epoch_is_refused(run_dir):
 
 def test_writer_sets_wal_and_synchronous_full(run_dir):
     with Ledger.open(run_dir) as led:
-        conn = led._log._conn  # the writer's own connection: these are per-connection settings
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
-    with sqlite3.connect(run_dir / "ledger.db") as conn:
+        settings = led.store.connection_settings()  # the writer's own connection: these are per-connection settings
+        assert settings["journal_mode"] == "wal"
+        assert settings["synchronous"] == 2  # FULL
+        assert settings["busy_timeout"] >= 1000
+    with raw.connect(run_dir / "ledger.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent in the file
         assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
         assert conn.execute("PRAGMA user_version").fetchone()[0] == LEDGER_FORMAT
@@ -106,7 +105,7 @@ def test_writer_sets_wal_and_synchronous_full(run_dir):
 
 
 def _foreign_sqlite(path: Path) -> None:
-    conn = sqlite3.connect(path)
+    conn = raw.connect(path)
     conn.execute("CREATE TABLE users (name TEXT)")
     conn.execute("INSERT INTO users VALUES ('ada')")
     conn.commit()
@@ -115,7 +114,7 @@ def _foreign_sqlite(path: Path) -> None:
 
 def _newer_ledger(path: Path) -> None:
     Ledger.open(path.parent).close()
-    conn = sqlite3.connect(path)
+    conn = raw.connect(path)
     conn.execute(f"PRAGMA user_version = {LEDGER_FORMAT + 1}")
     conn.close()
 

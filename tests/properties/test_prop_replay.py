@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 import ledger.ledger
 from ledger import Ledger
 from ledger.events import StepCompleted
-from ledger.projection import State, decode_state, encode_state, fold
+from ledger.projection import PROJECTION_VERSION, State, decode_state, encode_state, fold
+from ledger.store import read_consistent
 
 
 def same(a: State, b: State) -> bool:
@@ -77,7 +78,7 @@ def test_ledger_projection_paths_agree_with_full_replay(entries, snapshot_every,
             readers = [a, b, Ledger.open(run_dir), Ledger.open(run_dir, read_only=True)]
             for handle in readers:
                 assert same(handle.projection().state, full)
-            snapshots = a._log.query(lambda c: c.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0])
+            snapshots = read_consistent(a.store, lambda r: r.snapshot_count(projection_version=PROJECTION_VERSION))
             event(f"snapshots stored: {min(snapshots, 2)}")
             for at in range(len(stored) + 1):
                 expected = fold(stored[:at])
@@ -98,8 +99,12 @@ def test_snapshots_are_written_and_used(tmp_path):
             led.append(StepCompleted(step=step), epoch=attempt.epoch)
             if step % 5 == 4:
                 led.projection()
-        rows = led._log.query(lambda c: c.execute("SELECT seq FROM snapshots ORDER BY seq").fetchall())
-        assert len(rows) == 2 and rows[-1][0] > 20
+        count, newest, oldest = read_consistent(led.store, lambda r: (
+            r.snapshot_count(projection_version=PROJECTION_VERSION),
+            r.snapshot_seq(at_most=10**9, projection_version=PROJECTION_VERSION),
+            r.snapshot_seq(at_most=r.snapshot_seq(at_most=10**9, projection_version=PROJECTION_VERSION) - 1,
+                           projection_version=PROJECTION_VERSION)))
+        assert count == 2 and newest > 20
     fresh = Ledger.open(tmp_path)
     assert same(fresh.projection().state, fresh.full_replay())
-    assert same(fresh.projection(at=rows[0][0] + 1).state, fresh.full_replay(at=rows[0][0] + 1))
+    assert same(fresh.projection(at=oldest + 1).state, fresh.full_replay(at=oldest + 1))
