@@ -356,7 +356,8 @@ def _run_session(ctx: Context) -> Session:
                 raw = raw_source[:raw_bytes]
                 samples["raw_write"].append(time_once(lambda: write_raw(raw, str(scratch / "raw.bin"))))
                 direct = memoryview(direct_source)[:-(-raw_bytes // 4096) * 4096]
-                samples["raw_write_direct"].append(time_once(lambda: write_raw_direct(direct, str(scratch / "raw.direct"))))
+                samples["raw_write_direct"].append(
+                    time_once(lambda: write_raw_direct(direct, str(scratch / "raw.direct"))))
                 direct.release()
                 # A component of ours, for the notes: gathering the state dicts.
                 samples["get_state_dict"].append(time_once(lambda: get_state_dict(model, optimizer)))

@@ -168,7 +168,7 @@ def _read_whole(blobs: BlobStore, location: str) -> memoryview:
 
 
 def _my_share(shards: tuple[ShardFact, ...], rank: int, world_size: int) -> tuple[list[ShardFact], list[ShardFact]]:
-    """The shards this rank verifies: the data files of the ranks it stands in for, and a round-robin share of the rest."""
+    """The shards this rank verifies: the data files of the ranks it stands in for, a round-robin share of the rest."""
     mine, rest = [], []
     for shard in shards:
         if shard.location.endswith(f"/__{shard.rank}_0.distcp"):
