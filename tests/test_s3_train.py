@@ -7,6 +7,7 @@ command finds the objects from ``run.started`` with no flag; nothing secret is r
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -196,3 +197,18 @@ def test_bad_blob_urls_are_one_line_usage_errors(tmp_path):
         assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1
         no_secret(done.stderr, done.stdout)
         assert not (tmp_path / "run").exists()
+
+
+def test_blobs_in_another_local_directory(tmp_path):
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "shards"
+    relative = os.path.relpath(elsewhere, REPO)  # the CLI runs in REPO: a relative --blobs is taken from there
+    done = cli("train", "--run-dir", run_dir, "--blobs", relative, "--steps", "20", "--ckpt-every", "10",
+               "--eval-every", "10", timeout=300)
+    assert done.returncode == 0, done.stderr
+    with Ledger.open(run_dir, read_only=True) as led:
+        assert led.events(tags=["run.started"])[0].event.blobs == str(elsewhere)  # recorded absolute
+        shards = [s.location for c in led.projection().checkpoints.values() for s in c.shards]
+    assert all(name.startswith("ledger.db") for name in local_files(run_dir))
+    assert shards and all((elsewhere / loc).is_file() for loc in shards)
+    assert cli("audit", run_dir, "--verify-blobs").returncode == 0
+    assert export_state(run_dir, tmp_path / "model.pt")
