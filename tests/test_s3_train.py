@@ -212,3 +212,18 @@ def test_blobs_in_another_local_directory(tmp_path):
     assert shards and all((elsewhere / loc).is_file() for loc in shards)
     assert cli("audit", run_dir, "--verify-blobs").returncode == 0
     assert export_state(run_dir, tmp_path / "model.pt")
+
+
+def test_a_run_with_no_shared_file_system_at_all(pg_run_url, s3_server, s3_env):
+    """Ledger in PostgreSQL, shards in S3: nothing of the run on the local disk."""
+    url = f"{s3_env}/pg"
+    done = cli("train", "--run-dir", pg_run_url, "--blobs", url, "--nproc", "2", "--steps", "20",
+               "--ckpt-every", "10", "--eval-every", "10", timeout=300)
+    assert done.returncode == 0, done.stderr
+    view = view_of(pg_run_url)
+    assert [c.step for c in view.checkpoints.values() if c.status == "committed"] == [10, 20]
+    recorded = {s.location for c in view.checkpoints.values() for s in c.shards}
+    assert recorded == set(objects(s3_server, url))
+    audit = cli("audit", pg_run_url, "--verify-blobs")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    no_secret(done.stdout, done.stderr, cli("replay", pg_run_url, "--json").stdout)
