@@ -146,6 +146,13 @@ def test_corrupt_and_missing_objects_and_retention_on_s3(tmp_path, s3_server, s3
     assert [(f["kind"], f["subject"]) for f in problems] == [("missing_shard", gone.location)]
     assert problems[0]["fix"]
 
+    # The run's store is the recorded one: asking for another is refused before anything is written.
+    other = cli("train", "--run-dir", run_dir, "--blobs", f"{s3_env}/elsewhere", "--nproc", "2", "--steps", "50",
+                timeout=300)
+    assert other.returncode == 2, other.stderr
+    assert url in other.stderr and "recorded in run.started" in other.stderr
+    assert objects(s3_server, f"{s3_env}/elsewhere") == []
+
 
 def test_store_stopped_mid_run_aborts_the_checkpoint_and_commits_nothing_incomplete(tmp_path, monkeypatch):
     server = SeaweedS3(tmp_path / "weed").start()
