@@ -163,7 +163,11 @@ def test_store_stopped_mid_run_aborts_the_checkpoint_and_commits_nothing_incompl
         run_dir, url = tmp_path / "run", f"s3://{bucket}/exp3"
         proc = start_cli("train", "--run-dir", str(run_dir), "--blobs", url, "--nproc", "2", *QUICK)
         wait_for(lambda: bool(committed_steps(run_dir)), timeout=300, proc=proc, what="the first commit")
-        server.stop()  # the store goes away while the run keeps checkpointing into it
+        # Freeze the store, so the next checkpoint is certainly mid-upload when it dies, then kill it.
+        server.freeze()
+        wait_for(lambda: any(c.step == 20 for c in view_of(run_dir).checkpoints.values()), timeout=300, proc=proc,
+                 what="the next checkpoint to begin")
+        server.kill()
         out, err = proc.communicate(timeout=600)
         view = view_of(run_dir)
         aborted = [c for c in view.checkpoints.values() if c.status == "aborted"]
