@@ -235,6 +235,13 @@ def test_a_run_with_no_shared_file_system_at_all(pg_run_url, s3_server, s3_env):
     assert [c.step for c in view.checkpoints.values() if c.status == "committed"] == [10, 20]
     recorded = {s.location for c in view.checkpoints.values() for s in c.shards}
     assert recorded == set(objects(s3_server, url))
+    # Resharded on load, from the store: ddp on 2 ranks -> fsdp on 1.
+    resumed = cli("train", "--run-dir", pg_run_url, "--stack", "fsdp", "--nproc", "1", "--steps", "30",
+                  "--ckpt-every", "10", "--eval-every", "10", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    view = view_of(pg_run_url)
+    assert view.checkpoints[view.attempts[-1].resumed_from].step == 20
+    assert view.attempts[-1].status == "completed" and view.latest.step == 30
     audit = cli("audit", pg_run_url, "--verify-blobs")
     assert audit.returncode == 0, audit.stdout + audit.stderr
-    no_secret(done.stdout, done.stderr, cli("replay", pg_run_url, "--json").stdout)
+    no_secret(done.stdout, done.stderr, resumed.stdout, resumed.stderr, cli("replay", pg_run_url, "--json").stdout)
