@@ -248,3 +248,13 @@ def test_a_postgresql_run_without_a_blob_store_says_so(pg_run_url):
         led.start_run(run_id="pg", config={})
         with pytest.raises(LedgerError, match="--blobs"):
             led.blobs.size("blobs/c/e1/r0.bin")
+
+
+def test_checkpoint_manager_refuses_credentials_in_blobs_before_anything_happens(tmp_path):
+    from trainer.checkpoint_manager import CheckpointManager
+    from trainer.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="embeds credentials") as refused:
+        CheckpointManager(str(tmp_path / "run"), blobs=f"s3://{ACCESS_KEY}:{SECRET_KEY}@bucket/p")
+    assert SECRET_KEY not in str(refused.value)
+    assert not (tmp_path / "run").exists()
