@@ -190,6 +190,8 @@ class CheckpointManager:
             return None
         text = os.fspath(blobs)
         if "://" not in text:
+            if "://" not in run_dir and os.path.abspath(text) == os.path.abspath(run_dir):
+                return None  # the run directory itself, however it was spelled
             return os.path.abspath(text)
         from ledger.blobs_remote import check_blob_url
 
