@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from ledger import retention
-from ledger.blobs import LocalBlobStore
+from ledger.blobs import BlobStore, LocalBlobStore
 from ledger.decisions import BestRule
 from ledger.errors import CorruptBlobError, DuplicateCheckpointError, IncompleteCheckpointError, LedgerError
 from ledger.events import (
@@ -30,6 +30,7 @@ from ledger.health import (
     snapshot_anomaly,
     store_anomalies,
 )
+from ledger.no_blobs import NoBlobStore
 from ledger.projection import PROJECTION_VERSION, AttemptState, State, encode_state, fold_chunks
 from ledger.read_model import READ_MODEL_VERSION, ReadModelFolder, load_state, open_view
 from ledger.run_address import PostgresRun, parse_run_address
@@ -77,7 +78,7 @@ class Ledger:
         self.read_only = read_only
         self._store = store
         # A PostgreSQL run has no directory: its blobs are where run.started.blobs says (--blobs).
-        self.blobs = LocalBlobStore(run_dir) if isinstance(run_dir, Path) else None
+        self.blobs: BlobStore = LocalBlobStore(run_dir) if isinstance(run_dir, Path) else NoBlobStore(str(run_dir))
         # Writers fold every append into the read model inside its transaction (ledger/read_model.py).
         self._folder = None if read_only else ReadModelFolder()
         self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)

@@ -67,6 +67,7 @@ from ledger.store.interface import (
     StoredEvent,
     StoreHealth,
 )
+from ledger.store.log import new_event_ids
 from ledger.store.postgres_schema import SCHEMA, check_schema, ensure_schema
 
 #: Rows fetched and decoded per batch when streaming events (bounded memory).
@@ -141,11 +142,6 @@ def _row_to_event(row: Sequence[Any]) -> StoredEvent:
     return StoredEvent(seq=seq, event_id=event_id, epoch=epoch, recorded_at=recorded_at, tag=tag,
                        schema_version=schema_version,
                        event=decode(payload, tag=tag, schema_version=schema_version, seq=seq))
-
-
-def new_event_ids(n: int) -> list[str]:
-    """``n`` fresh random event ids."""
-    return [uuid.uuid4().hex for _ in range(n)]
 
 
 class PostgresReader:
@@ -439,24 +435,24 @@ class PostgresStore:
 
     def _insert(self, conn: psycopg.Connection, last_seq: int, items: Sequence[tuple[Event, str]],
                 epoch: int, *, max_epoch: int | None = None) -> list[int]:
-        now = time.time()
-        rows = []
-        for offset, (event, event_id) in enumerate(items, start=1):
-            tag = tag_of(event)
-            rows.append((self.run, last_seq + offset, event_id, epoch, now, tag, schema_of(tag),
-                         getattr(event, "checkpoint_id", None), encode(event).decode()))
-        with conn.cursor() as cur:
-            cur.executemany(
-                f"INSERT INTO {_EVENTS} (run, seq, event_id, epoch, recorded_at, tag, schema_version, "
-                "checkpoint_id, payload) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
-        new_last = last_seq + len(rows)
+        seqs = list(range(last_seq + 1, last_seq + 1 + len(items)))
+        tags = [tag_of(event) for event, _ in items]
+        # One statement whatever the batch size: the columns travel as (binary) arrays and unnest into rows.
+        conn.execute(
+            f"INSERT INTO {_EVENTS} (run, seq, event_id, epoch, recorded_at, tag, schema_version, checkpoint_id, "
+            "payload) SELECT %s, seq, event_id, %s, %s, tag, schema_version, checkpoint_id, payload::json "
+            "FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::int[], %b::text[], %b::text[]) "
+            "AS e(seq, event_id, tag, schema_version, checkpoint_id, payload)",
+            (self.run, epoch, time.time(), seqs, [event_id for _, event_id in items], tags,
+             [schema_of(tag) for tag in tags], [getattr(event, "checkpoint_id", None) for event, _ in items],
+             [encode(event).decode() for event, _ in items]))
         if max_epoch is None:
-            conn.execute(f"UPDATE {SCHEMA}.runs SET last_seq = %s WHERE run = %s", (new_last, self.run))
+            conn.execute(f"UPDATE {SCHEMA}.runs SET last_seq = %s WHERE run = %s", (seqs[-1], self.run))
         else:
             conn.execute(f"UPDATE {SCHEMA}.runs SET last_seq = %s, max_epoch = %s WHERE run = %s",
-                         (new_last, max_epoch, self.run))
+                         (seqs[-1], max_epoch, self.run))
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, self.run))
-        return [row[1] for row in rows]
+        return seqs
 
     def append(self, events: Sequence[Event], *, epoch: int, event_ids: Sequence[str | None] | None = None,
                maintainer: ReadModelMaintainer | None = None) -> list[int]:
