@@ -82,3 +82,15 @@ def open_read_only(run_dir: Path | PostgresRun) -> Ledger:
 def debug_enabled() -> bool:
     """``CKPT_LEDGER_DEBUG=1`` shows tracebacks instead of one-line errors."""
     return os.environ.get("CKPT_LEDGER_DEBUG", "") not in ("", "0")
+
+
+def duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """Click callback: a duration (``3600``, ``30m``, ``6h``, ``7d``) in seconds, or ``None`` when not given."""
+    if value is None:
+        return None
+    from ledger.time_retention import parse_duration
+
+    try:
+        return parse_duration(value, name=f"--{param.name.replace('_', '-')}")
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx, param) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -327,7 +328,7 @@ class Ledger:
                         dry_run: bool = False) -> list[retention.Deletion]:
         """Plan retention from the projection and (unless ``dry_run``) carry it out crash-safely."""
         view = self.projection()
-        planned = retention.plan(view.state, policy, view.best_rule)
+        planned = retention.plan(view.state, policy, view.best_rule, now=time.time())
         if dry_run or not planned:
             return planned
         return retention.execute(self, planned, epoch=OPERATOR_EPOCH if epoch is None else epoch)

@@ -33,7 +33,7 @@ from ledger.projection import (
     decode_state,
     fold_chunks,
 )
-from ledger.store import CheckpointRow, ReadModelRows, StoreReader
+from ledger.store import CheckpointRow, EventChunk, ReadModelRows, StoreReader
 from ledger.view import BestCheckpoint, View
 
 #: Bump when the rows or facts change meaning; a different version is ignored and rebuilt.
@@ -72,9 +72,17 @@ _checkpoint = msgspec.msgpack.Decoder(CheckpointState)
 _attempt = msgspec.msgpack.Decoder(AttemptState)
 
 
-def summarize(state: State) -> Summary:
-    """The summary facts of a state, decided by :class:`View` (the same code every reader uses)."""
+def summarize(state: State, previous: Summary | None = None) -> Summary:
+    """The summary facts of a state, decided by :class:`View` (the same code every reader uses).
+
+    ``previous``: the summary of this state just before a decision-neutral batch
+    (:data:`_DECISION_NEUTRAL`): its decisions are kept instead of recomputed, which is
+    what keeps a per-step append O(1) in the number of checkpoints.
+    """
     view = View(state)
+    if previous is not None:
+        return msgspec.structs.replace(previous, seq=state.seq, last_step=view.last_step, goodput=view.goodput,
+                                       anomalies=len(state.anomalies))
     resume, latest, best = view.resume, view.latest, view.best
     return Summary(
         seq=state.seq, last_step=view.last_step, goodput=view.goodput, best_metric=view.best_rule.metric,
@@ -116,27 +124,34 @@ class ReadModelFolder:
 
     def __init__(self) -> None:
         self.state: State | None = None
+        self._summary: Summary | None = None  # of ``state``, when written by this folder
 
     def discard(self) -> None:
         self.state = None  # the fold ran ahead of a rolled-back transaction: reload next time
+        self._summary = None
 
-    def advance(self, reader: StoreReader) -> ReadModelRows | None:
+    def advance(self, reader: StoreReader, appended: EventChunk | None = None) -> ReadModelRows | None:
         newest = reader.max_seq()
         stored = reader.read_model_seq(version=READ_MODEL_VERSION)
         if stored is None or stored > newest:  # missing, another version, or not of this log: rebuild
-            self.state = load_state(reader, newest)
+            self.state, self._summary = load_state(reader, newest), None
             return full_rows(self.state)
         if self.state is None or self.state.seq > stored:
-            self.state = load_state(reader, stored)
+            self.state, self._summary = load_state(reader, stored), None
         elif self.state.seq < stored:  # another writer appended (and kept the read model) since our last append
             self.state = fold_chunks(reader.chunks(after=self.state.seq, until=stored), self.state)
-            self.state.seq = stored
+            self.state.seq, self._summary = stored, None
         if stored == newest:
             return None
         tags: set[str] = set()
         touched: set[str] = set()
         epochs: set[int] = set()
-        for chunk in reader.chunks(after=stored, until=newest):
+        chunks: Iterable[EventChunk]
+        if appended is not None and appended.seqs and appended.seqs[0] == stored + 1 and appended.seqs[-1] == newest:
+            chunks = [appended]  # exactly this transaction's events: no need to read them back
+        else:
+            chunks = reader.chunks(after=stored, until=newest)
+        for chunk in chunks:
             epochs.update(chunk.epochs)
             for event in chunk.events:
                 tags.add(event.__struct_config__.tag)  # type: ignore[attr-defined]
@@ -157,7 +172,8 @@ class ReadModelFolder:
         attempts = {a.epoch: a for a in view.attempts}
         if not local or "attempt.started" in tags or "attempt.ended" in tags:
             epochs = set(attempts)
-        facts = {"summary": _encode(summarize(state))}
+        self._summary = summarize(state, self._summary if tags <= _DECISION_NEUTRAL else None)
+        facts = {"summary": _encode(self._summary)}
         if "run.started" in tags:
             facts["run"] = _encode(state.run)
         return ReadModelRows(

@@ -20,6 +20,7 @@ from ledger.run_address import parse_run_address
 from ledger.store import (
     OPERATOR_EPOCH,
     CheckpointRow,
+    EventChunk,
     LedgerStore,
     ReadModelRows,
     Snapshot,
@@ -295,11 +296,13 @@ class RecordingMaintainer:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.advanced: list[int] = []
+        self.appended: list[list[tuple[int, object]]] = []
         self.discarded = 0
 
-    def advance(self, reader: StoreReader) -> ReadModelRows:
+    def advance(self, reader: StoreReader, appended: EventChunk | None = None) -> ReadModelRows:
         seq = reader.max_seq()
         self.advanced.append(seq)
+        self.appended.append([] if appended is None else list(zip(appended.seqs, appended.events)))
         if self.fail:
             raise RuntimeError("maintainer failed")
         tags = [s.tag for s in reader.events(after=seq - 1)]
@@ -318,6 +321,9 @@ def test_read_model_rows_commit_with_the_append(store_backend):
     store.append([StepCompleted(step=1)], epoch=epoch, maintainer=maintainer)
     store.append_checked(lambda about: started("c"), checkpoint_id="c", epoch=epoch, event_id="c", maintainer=maintainer)
     assert maintainer.advanced == [1, 2, 3]  # called inside each transaction, after the insert
+    # ``appended`` (optional for a backend) holds exactly what the transaction inserted, as stored.
+    stored = [(s.seq, s.event) for s in all_events(store)]
+    assert all(got in ([], [stored[i]]) for i, got in enumerate(maintainer.appended))
     other = store_backend.open(read_only=True)
     assert read(other, lambda r: (r.read_model_seq(version=RM_VERSION), r.read_model_fact("last_tag"),
                                   r.read_model_checkpoint("c"), r.read_model_attempts())) == \

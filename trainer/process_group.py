@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, MutableMapping
 
 import torch
 import torch.distributed as dist
+
+from trainer.rendezvous import is_loopback
+from trainer.slurm import SlurmStep
 
 LOOPBACK = "127.0.0.1"
 
@@ -46,11 +48,6 @@ def free_port(host: str = LOOPBACK) -> int:
         return sock.getsockname()[1]
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine's loopback interface."""
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def apply_single_node_defaults(env: MutableMapping[str, str]) -> None:
     """Defaults for a single-node CPU run: loopback master, a free port, gloo bound to ``lo``.
 
@@ -66,32 +63,17 @@ def apply_single_node_defaults(env: MutableMapping[str, str]) -> None:
 
 def under_srun(env: MutableMapping[str, str]) -> bool:
     """Whether this process is one task of a multi-task SLURM step (``srun``) not already given a rank."""
-    return "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
+    if "RANK" in env:
+        return False
+    step = SlurmStep.from_env(env)  # ValueError naming the variable when SLURM's are inconsistent
+    return step is not None and step.ntasks > 1
 
 
 def map_slurm_env(env: MutableMapping[str, str]) -> None:
-    """Translate ``srun``'s task variables into the ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` torch reads."""
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in env:
-        env["MASTER_ADDR"] = _slurm_master_host(env)
-    if "MASTER_PORT" not in env:
-        # Every task must agree without talking: derive the port from the job id.
-        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-    if is_loopback(env["MASTER_ADDR"]):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-
-
-def _slurm_master_host(env: MutableMapping[str, str]) -> str:
-    if int(env.get("SLURM_NNODES", "1")) <= 1:
-        return LOOPBACK
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as err:
-        raise RuntimeError(f"cannot find the first node of {nodelist!r} ({err}); set MASTER_ADDR") from err
-    return out.stdout.split()[0]
+    """Translate ``srun``'s task variables into the ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` torch reads."""
+    step = SlurmStep.from_env(env)
+    if step is not None:
+        env.update(step.worker_env(env))
 
 
 def slurm_facts(env: MutableMapping[str, str]) -> dict[str, Any] | None:
@@ -104,16 +86,40 @@ def slurm_facts(env: MutableMapping[str, str]) -> dict[str, Any] | None:
         "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
         "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
         "nodelist": env.get("SLURM_JOB_NODELIST"),
+        "nnodes": int(env["SLURM_NNODES"]) if env.get("SLURM_NNODES", "").isdigit() else None,
     }
+
+
+def context_of_current_group() -> DistContext:
+    """The context of a default process group someone else initialized (we do not own it)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return DistContext(rank, world, local_rank, _device(local_rank), dist.get_backend(), owns_group=False)
+
+
+def join_current_or_single(timeout_s: float) -> DistContext:
+    """The caller's process group if there is one, else a one-process gloo group of our own.
+
+    For code that runs inside someone else's loop: it never joins a multi-process job on
+    its own (that is the loop's ``init_process_group`` to do) and never needs a port:
+    the lone process's group rendezvous through an in-memory store.
+    """
+    if dist.is_initialized():
+        return context_of_current_group()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise RuntimeError(f"WORLD_SIZE={world} but no process group is initialized: call "
+                           "torch.distributed.init_process_group() first")
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=timedelta(seconds=timeout_s))
+    return DistContext(0, 1, 0, torch.device("cpu"), "gloo", owns_group=True)
 
 
 def init_distributed(timeout_s: float) -> DistContext:
     """Join (or create) the default process group; every collective times out after ``timeout_s``."""
     env = os.environ
     if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = int(env.get("LOCAL_RANK", rank))
-        return DistContext(rank, world, local_rank, _device(local_rank), dist.get_backend(), owns_group=False)
+        return context_of_current_group()
     if under_srun(env):
         map_slurm_env(env)
     if "RANK" not in env:
