@@ -167,3 +167,20 @@ def test_runs_refuses_what_is_not_a_ledger_database(tmp_path, pg_server, pg_data
     code, out, err = run_main(["runs", pg_database.replace("ckpt@", "ckpt:hunter2@")], capsys)
     assert code == 2 and "PGPASSWORD" in err and "hunter2" not in err
     assert pg_server.sql(db, "SELECT count(*) FROM pg_namespace WHERE nspname = 'ckpt_ledger'") == [(0,)]
+
+
+def test_pin_gc_and_audit_work_on_a_database_run(tmp_path, pg_server, pg_run_url, capsys):
+    info = build_healthy_run(tmp_path / "run")
+    copy_run(info.run_dir, pg_run_url)
+    target = info.committed[0]
+    code, out, err = run_main(["pin", pg_run_url, target], capsys)
+    assert code == 0 and "pinned" in out, err
+    with Ledger.open(pg_run_url, read_only=True) as ro:
+        assert ro.projection().checkpoint(target).pinned
+    xid = next_xid(pg_server)
+    code, out, err = run_main(["gc", pg_run_url, "--dry-run", "--json"], capsys)
+    assert code == 0, err
+    code, out, err = run_main(["audit", pg_run_url, "--json"], capsys)
+    # This copy recorded no blob store (no --blobs): audit cannot check shards and says why in one line.
+    assert code == 1 and "records no blob store" in err and len(err.strip().splitlines()) == 1, err
+    assert next_xid(pg_server) == xid
