@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from ledger import retention
-from ledger.blobs import BlobStore, LocalBlobStore
+from ledger.blobs import BlobStore, blob_store_for
 from ledger.decisions import BestRule
 from ledger.errors import CorruptBlobError, DuplicateCheckpointError, IncompleteCheckpointError, LedgerError
 from ledger.events import (
@@ -31,7 +31,6 @@ from ledger.health import (
     snapshot_anomaly,
     store_anomalies,
 )
-from ledger.no_blobs import NoBlobStore
 from ledger.projection import PROJECTION_VERSION, AttemptState, State, encode_state, fold_chunks
 from ledger.read_model import READ_MODEL_VERSION, ReadModelFolder, load_state, open_view
 from ledger.run_address import PostgresRun, parse_run_address
@@ -74,12 +73,13 @@ class Attempt:
 class Ledger:
     """One run's ledger. Open with :meth:`open`; writers and read-only readers share this API."""
 
-    def __init__(self, run_dir: Path | PostgresRun, store: LedgerStore, read_only: bool) -> None:
+    def __init__(self, run_dir: Path | PostgresRun, store: LedgerStore, read_only: bool,
+                 blobs: BlobStore | None = None) -> None:
         self.run_dir = run_dir
         self.read_only = read_only
         self._store = store
-        # A PostgreSQL run has no directory: its blobs are where run.started.blobs says (--blobs).
-        self.blobs: BlobStore = LocalBlobStore(run_dir) if isinstance(run_dir, Path) else NoBlobStore(str(run_dir))
+        # Where the shards are: found from run.started.blobs on first use (see ``blobs``).
+        self._blobs = blobs
         # Writers fold every append into the read model inside its transaction (ledger/read_model.py).
         self._folder = None if read_only else ReadModelFolder()
         self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)
@@ -89,14 +89,31 @@ class Ledger:
             self._rebuild_read_model_if_stale()
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike[str] | PostgresRun, *, read_only: bool = False) -> "Ledger":
+    def open(cls, run_dir: str | os.PathLike[str] | PostgresRun, *, read_only: bool = False,
+             blobs: BlobStore | None = None) -> "Ledger":
         """Open ``RUN_DIR/ledger.db``, or a run in a PostgreSQL database (``postgresql://…/DB?run=NAME``).
 
         Writers create the ledger (a PostgreSQL schema and run row) if missing; read-only
-        never creates or changes anything.
+        never creates or changes anything. ``blobs``: where the shards are; by default the
+        store ``run.started`` recorded (the run directory when it recorded none).
         """
         address = parse_run_address(run_dir)
-        return cls(address, open_store(address, read_only=read_only), read_only)
+        return cls(address, open_store(address, read_only=read_only), read_only, blobs)
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The run's blob store, found from ``run.started.blobs`` on first use (so a command that
+        never touches a blob never connects to a remote store)."""
+        if self._blobs is None:
+            started = self.events(tags=["run.started"])
+            url = started[0].event.blobs if started else None  # type: ignore[attr-defined]
+            if url is None and not isinstance(self.run_dir, Path):
+                raise LedgerError(f"run {self.run_dir} is in a database and recorded no blob store; start it with "
+                                  "--blobs DIR|URL (a PostgreSQL run has no directory to keep shards in)")
+            if not started:
+                return blob_store_for(None, self.run_dir)  # not cached: start_run may still record one
+            self._blobs = blob_store_for(url, self.run_dir)
+        return self._blobs
 
     @property
     def path(self) -> Path:
@@ -199,9 +216,15 @@ class Ledger:
         self._snapshot_if_far()
         return seqs
 
-    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None) -> RunStarted:
-        """Record the run's identity once; later calls return the stored ``run.started``."""
-        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id),
+    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None,
+                  blobs: str | None = None) -> RunStarted:
+        """Record the run's identity once; later calls return the stored ``run.started``.
+
+        ``blobs``: the blob store URL or directory (never with credentials; ``None``: the run directory).
+        """
+        if blobs is not None:
+            blob_store_for(blobs, self.run_dir)  # refuses a URL with credentials before it is recorded
+        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id, blobs=blobs),
                     event_id="run.started")
         (stored,) = self._read(lambda reader: list(reader.events(tags=["run.started"], limit=1)))
         return stored.event  # type: ignore[return-value]
@@ -272,6 +295,8 @@ class Ledger:
         The check runs inside the commit's own transaction, so nothing (an abort, a
         newer attempt) can slip in between the check and the commit.
         """
+        blobs = self.blobs if verify else None  # resolved outside the transaction: it may read the log
+
         def make_commit(about: Sequence[StoredEvent]) -> CheckpointCommitted:
             started, started_epoch, shards, ended = None, None, {}, None
             for stored in about:
@@ -296,9 +321,9 @@ class Ledger:
                 raise IncompleteCheckpointError(
                     f"cannot commit {checkpoint_id}: no shard recorded for rank(s) {missing}; abort it instead"
                 )
-            if verify:
+            if blobs is not None:
                 for shard in shards.values():
-                    self.blobs.verify(shard.location, shard.hash, shard.bytes)
+                    blobs.verify(shard.location, shard.hash, shard.bytes)
             return CheckpointCommitted(checkpoint_id=checkpoint_id, step=started.step)
 
         crash_point("ledger.before_commit")

@@ -182,5 +182,5 @@ def test_pin_gc_and_audit_work_on_a_database_run(tmp_path, pg_server, pg_run_url
     assert code == 0, err
     code, out, err = run_main(["audit", pg_run_url, "--json"], capsys)
     # This copy recorded no blob store (no --blobs): audit cannot check shards and says why in one line.
-    assert code == 1 and "records no blob store" in err and len(err.strip().splitlines()) == 1, err
+    assert code == 1 and "recorded no blob store" in err and len(err.strip().splitlines()) == 1, err
     assert next_xid(pg_server) == xid
