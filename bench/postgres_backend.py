@@ -52,9 +52,9 @@ def _steps(first: int, n: int) -> list[StepCompleted]:
             for s in range(first, first + n)]
 
 
-def _writer(address: str | Path, prefill: int) -> tuple[Ledger, int]:
+def _writer(address: str | Path, prefill: int, blobs: Path) -> tuple[Ledger, int]:
     led = Ledger.open(address)
-    led.start_run(run_id="bench", config={})
+    led.start_run(run_id="bench", config={}, blobs=str(blobs))  # no shard is written: ids are only checked
     epoch = led.begin_attempt(world_size=1, stack="ddp").epoch
     for first in range(0, prefill, 20_000):  # a log that already holds a run's worth of events
         led.append_many(_steps(first, min(20_000, prefill - first)), epoch=epoch)
@@ -72,7 +72,8 @@ def _checkpoint(led: Ledger, epoch: int, i: int) -> str:
 
 def _both(ctx: Context, server, name: str, prefill: int) -> tuple[tuple[Ledger, int], tuple[Ledger, int]]:
     url = server.create_database(name.replace("-", "_")) + "?run=bench"
-    return _writer(url, prefill), _writer(ctx.scratch(name), prefill)
+    return _writer(url, prefill, ctx.scratch(f"{name}-pg-blobs")), _writer(ctx.scratch(name), prefill,
+                                                                      ctx.scratch(f"{name}-blobs"))
 
 
 def append_rows(ctx: Context, server) -> list[Record]:
@@ -131,10 +132,11 @@ def runs_list_row(ctx: Context, server) -> list[Record]:
     from ledger.run_list import list_runs
 
     url = server.create_database("many_runs")
+    blobs = ctx.scratch("many-runs-blobs")
     start = time.perf_counter()
     for n in range(RUNS):
         with Ledger.open(f"{url}?run=run-{n:04d}") as led:
-            led.start_run(run_id=f"run-{n:04d}", config={"n": n})
+            led.start_run(run_id=f"run-{n:04d}", config={"n": n}, blobs=str(blobs / f"run-{n:04d}"))
             epoch = led.begin_attempt(world_size=1, stack="ddp").epoch
             led.append_many(_steps(1, 20), epoch=epoch)
             led.commit_checkpoint(_checkpoint(led, epoch, 20), epoch=epoch)
