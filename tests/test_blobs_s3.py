@@ -6,7 +6,14 @@ credentials in the standard environment variables only.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 
 import pytest
 import xxhash
@@ -144,3 +151,84 @@ def test_start_run_refuses_to_record_credentials(tmp_path):
         with pytest.raises(ValueError, match="embeds credentials"):
             led.start_run(run_id="r", config={}, blobs=f"s3://{ACCESS_KEY}:{SECRET_KEY}@b/p")
         assert led.max_seq() == 0
+
+
+def _dead_attempt_with_an_unfinished_upload(run_dir, url) -> str:
+    """A run on S3 whose first attempt died mid-upload (a multipart upload begun, never completed)."""
+    from ledger.events import AttemptEnded
+
+    with Ledger.open(run_dir) as led:
+        led.start_run(run_id="r", config={}, blobs=url)
+        attempt = led.begin_attempt(world_size=1, stack="ddp")
+        led.begin_checkpoint(checkpoint_id="step000010-e1", step=10, ranks=[0], world_size=1, stack="ddp",
+                             epoch=attempt.epoch)
+        location = f"{led.blobs.checkpoint_dir('step000010-e1', attempt.epoch)}/__0_0.distcp"
+        led.blobs.part_bytes = 5 * MiB
+        sink = led.blobs.open_atomic(location)
+        sink.write(os.urandom(6 * MiB))  # one part sent; the writer "dies" before completing
+        sink._collect_one()
+        led.append(AttemptEnded(epoch=attempt.epoch, reason="failed", last_step=10), epoch=attempt.epoch)
+    return location
+
+
+def test_gc_aborts_the_unfinished_upload_of_a_dead_attempt(tmp_path, s3_env):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    run_dir = tmp_path / "run"
+    location = _dead_attempt_with_an_unfinished_upload(run_dir, f"{s3_env}/exp")
+    audit = CliRunner().invoke(cli, ["audit", str(run_dir), "--json"])
+    assert audit.exit_code == 1
+    strays = [f for f in json.loads(audit.stdout)["findings"] if f["kind"] == "stray_upload"]
+    assert [f["subject"] for f in strays] == [location] and "gc" in strays[0]["fix"]
+    dry = CliRunner().invoke(cli, ["gc", str(run_dir), "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    assert [(f["location"], f["upload"]) for f in json.loads(dry.stdout)["files"]] == [(location, True)]
+    with Ledger.open(run_dir, read_only=True) as ro:
+        assert ro.blobs.unfinished_uploads() == [location]  # the dry run aborted nothing
+    done = CliRunner().invoke(cli, ["gc", str(run_dir)])
+    assert done.exit_code == 0, done.output
+    with Ledger.open(run_dir, read_only=True) as ro:
+        assert ro.blobs.unfinished_uploads() == []
+    assert CliRunner().invoke(cli, ["audit", str(run_dir)]).exit_code == 0
+
+
+def _stderr_on_a_terminal(argv: list[str]) -> tuple[int, str]:
+    """Run ``python -m cli ARGV`` with stderr on a pseudo-terminal; (exit code, what it drew there)."""
+    from runs import REPO_ROOT, cli_env
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a size
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *argv], cwd=REPO_ROOT, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(leader)
+    return proc.wait(timeout=120), drawn.decode(errors="replace")
+
+
+def test_long_commands_draw_a_progress_bar_only_on_a_terminal(tmp_path, s3_env):
+    from runs import save_checkpoint
+
+    run_dir = tmp_path / "run"
+    with Ledger.open(run_dir) as led:
+        led.start_run(run_id="r", config={}, blobs=f"{s3_env}/bars")
+        attempt = led.begin_attempt(world_size=2, stack="ddp")
+        save_checkpoint(led, attempt.epoch, 10)
+    code, drawn = _stderr_on_a_terminal(["audit", str(run_dir), "--verify-blobs"])
+    assert code == 0 and "verifying shard hashes" in drawn and "B/s" in drawn, drawn
+    code, drawn = _stderr_on_a_terminal(["audit", str(run_dir), "--verify-blobs", "--json"])
+    assert code == 0 and "verifying" not in drawn
+    piped = subprocess.run([sys.executable, "-m", "cli", "audit", str(run_dir), "--verify-blobs"],
+                           capture_output=True, text=True, timeout=120, env=__import__("runs").cli_env(),
+                           cwd=__import__("runs").REPO_ROOT)
+    assert piped.returncode == 0 and piped.stderr == ""
