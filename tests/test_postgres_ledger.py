@@ -282,3 +282,21 @@ def test_concurrent_writers_of_one_run_queue_on_its_lock_and_seqs_stay_contiguou
     assert acked["neighbour"] == list(range(1, 51))  # another run numbers its own events from 1
     with Ledger.open(url, read_only=True) as ro:
         assert [e.seq for e in ro.events()] == list(range(1, 201))
+
+
+def test_a_writer_blocked_by_another_transaction_gives_up_in_one_line(pg_run_url, monkeypatch):
+    import psycopg
+
+    import ledger.store.postgres as backend
+
+    monkeypatch.setattr(backend, "LOCK_TIMEOUT_S", 1)  # the real bound is 30 s: same path, shorter wait
+    with Ledger.open(pg_run_url) as led:
+        led.append(StepCompleted(step=1, metrics={}))
+        run = pg_run_url.rsplit("run=", 1)[1]
+        with psycopg.connect(pg_run_url.split("?")[0]) as holder:  # a stuck writer, mid-transaction
+            holder.execute("SELECT 1 FROM ckpt_ledger.runs WHERE run = %s FOR UPDATE", (run,))
+            with Ledger.open(pg_run_url) as blocked:
+                with pytest.raises(LedgerError, match="held this run's lock for 1s.*retry") as info:
+                    blocked.append(StepCompleted(step=2, metrics={}))
+                assert "\n" not in str(info.value)
+        assert led.append(StepCompleted(step=2, metrics={})) == 2  # the lock is free again: nothing half-done
