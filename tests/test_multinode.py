@@ -281,3 +281,19 @@ def test_two_nodes_in_separate_network_namespaces(tmp_path, tmp_path_factory, tw
     view = view_of(run_dir)
     assert [a.world_size for a in view.attempts] == [2, 2] and view.attempts[-1].first_step == 10
     assert_bitwise_equal(reference, export_state(run_dir, tmp_path / "final.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_node_whose_rendezvous_never_answers_fails_with_one_line(tmp_path):
+    """Node 1 started alone (node 0 never comes): torch's client gives up after its connect retries
+    (about two minutes, mostly asleep); the launcher exits 1 saying where it tried to meet, and
+    nothing is created in the run directory."""
+    run_dir = tmp_path / "run"
+    port = free_port()
+    done = finish(cli_node(run_dir, 1, port), timeout=360)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ckpt-ledger: error: rendezvous at 127.0.0.1:{port} (2 nodes, this is node 1) failed"), last
+    assert "timed out" in last and "same --nnodes and --rdzv-endpoint" in last
+    assert not run_dir.exists()
