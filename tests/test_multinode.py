@@ -297,3 +297,32 @@ def test_a_node_whose_rendezvous_never_answers_fails_with_one_line(tmp_path):
     assert last.startswith(f"ckpt-ledger: error: rendezvous at 127.0.0.1:{port} (2 nodes, this is node 1) failed"), last
     assert "timed out" in last and "same --nnodes and --rdzv-endpoint" in last
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_preempting_every_node_checkpoints_and_exits_75(tmp_path, tmp_path_factory):
+    """SIGTERM to every node's whole process group (as scancel and SLURM's --signal send it): the job
+    stops at a step boundary agreed by all ranks, checkpoints, and every node exits 75; a requeue on
+    one node finishes bitwise-exactly."""
+    _, reference = reference_run(tmp_path_factory, "ddp")
+    run_dir = tmp_path / "run"
+    port = free_port()
+    nodes = [cli_node(run_dir, rank, port) for rank in (0, 1)]
+    try:
+        wait_for(lambda: bool(committed_steps(run_dir)), timeout=300, proc=nodes[0], what="the first commit")
+        for node in nodes:
+            kill_group(node, signal.SIGTERM)
+    finally:
+        done = finish_all(nodes, timeout=300)
+    assert [r.returncode for r in done] == [75, 75], [r.stderr[-2000:] for r in done]
+    view = view_of(run_dir)
+    [attempt] = view.attempts
+    assert attempt.status == "preempted" and attempt.last_step < 30, "the run finished before the signal"
+    [signalled] = events_of(run_dir, "preemption.signalled")
+    assert signalled.event.signal == "SIGTERM" and view.resume.step == signalled.event.step == attempt.last_step
+
+    requeued = run_cli("train", "--run-dir", str(run_dir), "--nproc", "2", *QUICK, timeout=300)
+    assert requeued.returncode == 0, requeued.stderr
+    assert view_of(run_dir).attempts[-1].first_step == attempt.last_step
+    assert_bitwise_equal(reference, export_state(run_dir, tmp_path / "final.pt"))
