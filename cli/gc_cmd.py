@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from cli.options import check_run_dir, json_option, open_read_only, run_dir_argument
+from cli.options import check_run_dir, duration_option, json_option, open_read_only, run_dir_argument
 from cli.tables import human_bytes, render_table
 from ledger import Ledger, RetentionPolicy
 from ledger.gc import GcPlan, StrayFile, execute_gc, plan_gc
@@ -16,14 +16,13 @@ from ledger.retention import Deletion
 
 
 def resolve_policy(config: dict[str, Any], keep_last: int | None, keep_every: int | None,
-                   keep_best: int | None) -> RetentionPolicy:
+                   keep_best: int | None, keep_every_seconds: float | None = None, keep_for: float | None = None,
+                   keep_without_metric: bool | None = None) -> RetentionPolicy:
     """The run's recorded policy, with any rule given on the command line replacing the recorded one."""
-    recorded = RetentionPolicy.from_config(config)
-    return RetentionPolicy(
-        keep_last=recorded.keep_last if keep_last is None else keep_last,
-        keep_every=recorded.keep_every if keep_every is None else keep_every,
-        keep_best=recorded.keep_best if keep_best is None else keep_best,
-    )
+    recorded = RetentionPolicy.from_config(config).as_dict()
+    given = {"keep_last": keep_last, "keep_every": keep_every, "keep_best": keep_best,
+             "keep_every_seconds": keep_every_seconds, "keep_for": keep_for, "keep_without_metric": keep_without_metric}
+    return RetentionPolicy(**{name: recorded[name] if value is None else value for name, value in given.items()})
 
 
 def _sizes(led: Ledger, strays: list[StrayFile]) -> dict[str, int | None]:
@@ -37,7 +36,7 @@ def plan_to_dict(plan: GcPlan, deletions: list[Deletion], strays: list[StrayFile
     return {
         "dry_run": dry_run,
         "seq": plan.seq,
-        "policy": {"keep_last": policy.keep_last, "keep_every": policy.keep_every, "keep_best": policy.keep_best},
+        "policy": policy.as_dict(),
         "checkpoints": [{"checkpoint_id": d.checkpoint_id, "step": d.step, "reason": d.reason,
                          "locations": list(d.locations), "bytes": d.bytes} for d in deletions],
         "files": [{"location": s.location, "checkpoint_id": s.checkpoint_id, "reason": s.reason,
@@ -76,13 +75,21 @@ def render_plan(summary: dict[str, Any]) -> str:
               help="Keep checkpoints whose step is a multiple of N (overrides keep_every).")
 @click.option("--keep-best", type=click.IntRange(min=0), default=None, metavar="K",
               help="Keep the K best checkpoints by the run's metric (overrides keep_best).")
+@click.option("--keep-every-seconds", callback=duration_option, default=None, metavar="DURATION",
+              help="Keep the first checkpoint of each DURATION of wall-clock time, e.g. 6h (overrides).")
+@click.option("--keep-for", callback=duration_option, default=None, metavar="DURATION",
+              help="Keep every checkpoint committed less than DURATION ago, e.g. 7d (overrides).")
+@click.option("--keep-without-metric/--no-keep-without-metric", default=None,
+              help="With keep-best: also keep checkpoints that have no value of the metric (overrides).")
 def gc_command(run_dir: Path, dry_run: bool, as_json: bool, keep_last: int | None, keep_every: int | None,
-               keep_best: int | None) -> None:
+               keep_best: int | None, keep_every_seconds: float | None, keep_for: float | None,
+               keep_without_metric: bool | None) -> None:
     """Delete what the run no longer needs: checkpoints its retention policy drops, torn and aborted
     saves, and stray files (temp files and unrecorded files of crashed writes).
 
-    The policy is the run's own (keep_last / keep_every / keep_best from its
-    config); a --keep-* flag replaces that one rule. The latest, best, resume
+    The policy is the run's own (keep_last / keep_every / keep_best and the
+    time rules keep_every_seconds / keep_for from its config); a --keep-* flag
+    replaces that one rule. Time rules use each checkpoint's commit time. The latest, best, resume
     target, pinned and in-flight checkpoints are never deleted. Every checkpoint
     deletion is recorded in the ledger before and after its files go.
 
@@ -91,13 +98,15 @@ def gc_command(run_dir: Path, dry_run: bool, as_json: bool, keep_last: int | Non
       ckpt-ledger gc runs/exp1 --dry-run           # what would go, and why
       ckpt-ledger gc runs/exp1
       ckpt-ledger gc runs/exp1 --keep-last 2 --json
+      ckpt-ledger gc runs/exp1 --keep-last 3 --keep-every-seconds 6h --keep-for 2d --dry-run
     """
     check_run_dir(run_dir)
     # A dry run opens read-only: not even a -wal file may appear.
     led = open_read_only(run_dir) if dry_run else Ledger.open(run_dir)
     with led:
         run = led.projection().run
-        policy = resolve_policy(run.config if run else {}, keep_last, keep_every, keep_best)
+        policy = resolve_policy(run.config if run else {}, keep_last, keep_every, keep_best, keep_every_seconds,
+                                keep_for, keep_without_metric)
         plan = plan_gc(led, policy)
         sizes = _sizes(led, plan.strays)
         if dry_run:

@@ -8,12 +8,13 @@ import sys
 import click
 
 from cli.errors import EXIT_USAGE, CliError
+from cli.options import duration_option
 
 STACK_CHOICES = ("ddp", "fsdp", "tppp")
 
 
 @click.command("train")
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run directory (created if missing).")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run directory (created if missing), or a run in PostgreSQL: postgresql://USER@HOST:PORT/DB?run=NAME.")
 @click.option("--stack", type=click.Choice(STACK_CHOICES), default="ddp", show_default=True, help="Parallelism stack.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="Local worker processes.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="Tensor-parallel degree (tppp).")
@@ -31,6 +32,14 @@ STACK_CHOICES = ("ddp", "fsdp", "tppp")
 @click.option("--keep-last", type=click.IntRange(min=0), default=None, help="Retention: keep the K newest checkpoints.")
 @click.option("--keep-every", type=click.IntRange(min=1), default=None, help="Retention: keep steps divisible by N.")
 @click.option("--keep-best", type=click.IntRange(min=0), default=None, help="Retention: keep the K best by eval_loss.")
+@click.option("--ckpt-every-seconds", callback=duration_option, default=None, metavar="DURATION",
+              help="Also commit a checkpoint once DURATION (e.g. 600, 30m) passed since the last one.")
+@click.option("--keep-every-seconds", callback=duration_option, default=None, metavar="DURATION",
+              help="Retention: keep the first checkpoint of each DURATION of wall-clock time, e.g. 6h.")
+@click.option("--keep-for", callback=duration_option, default=None, metavar="DURATION",
+              help="Retention: keep every checkpoint committed less than DURATION ago, e.g. 7d.")
+@click.option("--keep-without-metric", is_flag=True, default=False,
+              help="Retention: with --keep-best, also keep checkpoints that have no eval_loss.")
 @click.option("--resume", "resume", metavar="ID|latest|best", default=None,
               help="Resume from this checkpoint; missing or invalid is an error, never a fresh start.")
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
@@ -56,7 +65,9 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
                   eval_every: int, keep_last: int | None, keep_every: int | None, keep_best: int | None,
                   resume: str | None, pretrained: str | None, seed: int, max_restarts: int,
                   codec: str, nnodes: int, node_rank: int, rdzv_endpoint: str | None, rdzv_id: str | None,
-                  local_addr: str | None, sync_checkpoint: bool) -> None:
+                  local_addr: str | None, sync_checkpoint: bool, ckpt_every_seconds: float | None = None,
+                  keep_every_seconds: float | None = None, keep_for: float | None = None,
+                  keep_without_metric: bool = False) -> None:
     """Train the embedded default job (a tiny transformer LM on generated text).
 
     Exits 0 when the run reaches --steps, 75 when preempted (SIGTERM/SIGUSR1) after
@@ -110,6 +121,8 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
             run_dir=run_dir, stack=stack, tp=tp, pp=pp, pp_schedule=pp_schedule, pp_microbatches=pp_microbatches,
             steps=steps, ckpt_every=ckpt_every, eval_every=eval_every,
             keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, resume=resume, pretrained=pretrained,
+            ckpt_every_seconds=ckpt_every_seconds, keep_every_seconds=keep_every_seconds, keep_for=keep_for,
+            keep_without_metric=keep_without_metric,
             seed=seed, async_checkpoint=not sync_checkpoint, checkpoint_codec=codec, job=JobSpec().as_dict(),
         )
     except ValueError as err:

@@ -24,6 +24,7 @@ from ledger.health import (
     FENCING,
     INTEGRITY,
     PROTOCOL,
+    READ_MODEL_MISMATCH,
     SEQ_GAP,
     SNAPSHOT_MISMATCH,
     TRAILING_GARBAGE,
@@ -154,6 +155,8 @@ _FIXES = {
     FENCING: ("fencing", "restore ledger.db from a backup"),
     SNAPSHOT_MISMATCH: ("snapshot_mismatch",
                         "decisions may be wrong until the snapshot is replaced; report this with the ledger attached"),
+    READ_MODEL_MISMATCH: ("read_model_mismatch",
+                          "decisions read from the read model may be wrong; report this with the ledger attached"),
     PROTOCOL: ("anomaly", "a writer broke the checkpoint protocol here; report it with `ckpt-ledger replay` output "
                           "around this seq"),
 }

@@ -66,3 +66,7 @@ class CorruptBlobError(LedgerError, IOError):
 
 class LedgerWriteError(LedgerError, OSError):
     """The ledger could not be written (disk full, I/O error, read-only file system)."""
+
+
+class LedgerUnavailableError(LedgerError, ConnectionError):
+    """The ledger's database server could not be reached, refused the connection, or went away mid-run."""

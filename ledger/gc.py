@@ -17,6 +17,7 @@ attempt has not ended and its checkpoint is not finished) is never a stray.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -118,7 +119,7 @@ def plan_gc(led: "Ledger", policy: retention.RetentionPolicy) -> GcPlan:
     """Plan a gc of ``led``'s run (works on a read-only ledger; changes nothing)."""
     listing = list(led.blobs.list_files())  # before projecting: see stray_files
     view = led.projection()
-    return GcPlan(policy=policy, deletions=retention.plan(view.state, policy, view.best_rule),
+    return GcPlan(policy=policy, deletions=retention.plan(view.state, policy, view.best_rule, now=time.time()),
                   strays=stray_files(view.state, listing), seq=view.seq)
 
 

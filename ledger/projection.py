@@ -40,7 +40,7 @@ from ledger.events import (
 )
 
 #: Bump when the state layout or fold rules change: older snapshots are then ignored.
-PROJECTION_VERSION = 1
+PROJECTION_VERSION = 2
 
 
 class RunInfo(msgspec.Struct, kw_only=True):
@@ -76,6 +76,7 @@ class CheckpointState(msgspec.Struct, kw_only=True):
     status: str = "in_flight"  # in_flight | committed | aborted | deleted | corrupt
     shards: list[ShardState] = []
     committed_seq: int | None = None
+    committed_at: float | None = None  # recorded_at of the commit: only time-based retention reads it
     abort_reason: str | None = None
     deletion_requested: bool = False  # status becomes "deleted" at the request: never load it again
     deletion_done: bool = False  # checkpoint.deleted seen: every blob is gone
@@ -216,6 +217,7 @@ def _on_committed(state: State, event: CheckpointCommitted, seq: int, epoch: int
         else:
             ckpt.status = "committed"
             ckpt.committed_seq = seq
+            ckpt.committed_at = recorded_at
 
 
 def _on_aborted(state: State, event: CheckpointAborted, seq: int, epoch: int, recorded_at: float,

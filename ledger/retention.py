@@ -16,14 +16,24 @@ from typing import TYPE_CHECKING
 from ledger import decisions
 from ledger.faults import crash_point
 from ledger.projection import State
+from ledger.time_retention import format_duration, parse_duration, time_keeps
 
 if TYPE_CHECKING:
     from ledger.ledger import Ledger
 
 
+#: Rules that count checkpoints or steps, and rules about wall-clock time.
+_COUNT_RULES = ("keep_last", "keep_every", "keep_best")
+_TIME_RULES = ("keep_every_seconds", "keep_for")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetentionPolicy:
-    """Which committed checkpoints to keep. ``None`` disables a rule; all ``None`` keeps everything."""
+    """Which committed checkpoints to keep. ``None`` disables a rule; all ``None`` keeps everything.
+
+    A checkpoint is kept when any rule keeps it (or it is protected: latest, best, resume
+    target, pinned, in flight, aliased); every other committed checkpoint is deleted.
+    """
 
     keep_last: int | None = None
     """Keep the K highest-step committed checkpoints."""
@@ -31,26 +41,51 @@ class RetentionPolicy:
     """Keep checkpoints whose step is a multiple of N (archival)."""
     keep_best: int | None = None
     """Keep the K best checkpoints by the run's metric rule."""
+    keep_every_seconds: float | None = None
+    """Keep the first checkpoint committed in each window of this many wall-clock seconds (archival by time).
+    Durations may also be given as text: ``30m``, ``6h``, ``7d``."""
+    keep_for: float | None = None
+    """Keep every checkpoint committed less than this many seconds ago (a TTL: older ones go unless another
+    rule keeps them)."""
+    keep_without_metric: bool = False
+    """With ``keep_best``: also keep checkpoints that have no value of the metric. By default ``keep_best``
+    ranks only checkpoints that have one and keeps none of the others."""
 
     def __post_init__(self) -> None:
-        for name in ("keep_last", "keep_every", "keep_best"):
+        for name in _COUNT_RULES:
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < (1 if name == "keep_every" else 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < (1 if name == "keep_every" else 0)):
                 raise ValueError(f"{name} must be a {'positive' if name == 'keep_every' else 'non-negative'} integer, got {value!r}")
+        for name in _TIME_RULES:
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse_duration(value, name=name))
+        if not isinstance(self.keep_without_metric, bool):
+            raise ValueError(f"keep_without_metric must be True or False, got {self.keep_without_metric!r}")
 
     @property
     def active(self) -> bool:
         """Whether any rule is set (an inactive policy deletes nothing)."""
-        return any(v is not None for v in (self.keep_last, self.keep_every, self.keep_best))
+        return any(getattr(self, name) is not None for name in (*_COUNT_RULES, *_TIME_RULES))
 
     @classmethod
     def from_config(cls, config: dict) -> "RetentionPolicy":
-        """The policy recorded in a run's config (``keep_last``, ``keep_every``, ``keep_best``)."""
-        return cls(**{k: config.get(k) for k in ("keep_last", "keep_every", "keep_best")})
+        """The policy recorded in a run's config (``keep_last``, ``keep_every``, ``keep_best``, time rules)."""
+        fields = {k: config.get(k) for k in (*_COUNT_RULES, *_TIME_RULES)}
+        return cls(**fields, keep_without_metric=bool(config.get("keep_without_metric", False)))
+
+    def as_dict(self) -> dict:
+        """Every rule by name (the form ``gc --json`` prints and ``run.started`` records)."""
+        return {name: getattr(self, name) for name in (*_COUNT_RULES, *_TIME_RULES, "keep_without_metric")}
 
     def describe(self) -> str:
         parts = [f"{k.replace('_', '-')} {v}" for k, v in
                  (("keep_last", self.keep_last), ("keep_every", self.keep_every), ("keep_best", self.keep_best)) if v is not None]
+        parts += [f"{k.replace('_', '-')} {format_duration(v)}" for k, v in
+                  (("keep_every_seconds", self.keep_every_seconds), ("keep_for", self.keep_for)) if v is not None]
+        if self.keep_best is not None and self.keep_without_metric:
+            parts.append("keep-without-metric")
         return ", ".join(parts) or "keep everything"
 
 
@@ -65,8 +100,12 @@ class Deletion:
     bytes: int
 
 
-def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None = None) -> list[Deletion]:
-    """The checkpoints ``policy`` would delete now, with reasons. Pure; never includes a protected one."""
+def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None = None, *,
+         now: float | None = None) -> list[Deletion]:
+    """The checkpoints ``policy`` would delete at time ``now``, with reasons. Pure; never includes a protected one.
+
+    ``now`` only matters to ``keep_for`` (default: the newest commit time in ``state``).
+    """
     deletions: list[Deletion] = []
     keep = decisions.protected(state, rule)
     for ckpt in state.checkpoints.values():
@@ -88,12 +127,28 @@ def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None 
         for ckpt in committed:
             if ckpt.step % policy.keep_every == 0:
                 keep.setdefault(ckpt.checkpoint_id, f"keep-every {policy.keep_every}")
+    unscored: set[str] = set()
     if policy.keep_best is not None:
-        for ckpt, _ in decisions.ranked_by_metric(state, rule or decisions.BestRule.of(state))[: policy.keep_best]:
+        best_rule = rule or decisions.BestRule.of(state)
+        ranked = decisions.ranked_by_metric(state, best_rule)
+        for ckpt, _ in ranked[: policy.keep_best]:
             keep.setdefault(ckpt.checkpoint_id, f"keep-best {policy.keep_best}")
+        scored = {ckpt.checkpoint_id for ckpt, _ in ranked}
+        unscored = {c.checkpoint_id for c in committed if c.checkpoint_id not in scored}
+        if policy.keep_without_metric:
+            for checkpoint_id in sorted(unscored):
+                keep.setdefault(checkpoint_id, f"keep-without-metric (no {best_rule.metric})")
+    for checkpoint_id, why in time_keeps(state, committed, keep_for=policy.keep_for,
+                                         keep_every_seconds=policy.keep_every_seconds, now=now).items():
+        keep.setdefault(checkpoint_id, why)
     for ckpt in by_step:
         if ckpt.checkpoint_id not in keep:
-            why = "corrupt and not kept" if ckpt.status == "corrupt" else f"not kept by policy ({policy.describe()})"
+            if ckpt.status == "corrupt":
+                why = "corrupt and not kept"
+            elif ckpt.checkpoint_id in unscored:
+                why = f"not kept by policy ({policy.describe()}); has no {(rule or decisions.BestRule.of(state)).metric}, so keep-best cannot rank it"
+            else:
+                why = f"not kept by policy ({policy.describe()})"
             deletions.append(_deletion(ckpt, why))
     return deletions
 

@@ -32,7 +32,9 @@ def test_dry_run_is_exactly_the_real_run_and_changes_nothing(tmp_path):
     dry = gc_json(info.run_dir, "--dry-run")
     assert snapshot_tree(info.run_dir) == before, "gc --dry-run changed the run directory"
     assert not (info.run_dir / "ledger.db-wal").exists()
-    assert dry["dry_run"] is True and dry["policy"] == {"keep_last": 1, "keep_every": None, "keep_best": None}
+    assert dry["dry_run"] is True and dry["policy"] == {"keep_last": 1, "keep_every": None, "keep_best": None,
+                                                     "keep_every_seconds": None, "keep_for": None,
+                                                     "keep_without_metric": False}
     reasons = {c["checkpoint_id"]: c["reason"] for c in dry["checkpoints"]}
     assert set(reasons) == {info.aborted[0], info.torn[0], *info.committed[:2]}
     assert "aborted" in reasons[info.aborted[0]] and "torn" in reasons[info.torn[0]]

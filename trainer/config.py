@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ledger.run_address import parse_run_address
+
 #: Config fields that say *how* this process runs, not *what* experiment it is. They are
 #: left out of the canonical config (and so of the config hash) recorded in ``run.started``.
 OPERATIONAL_FIELDS = frozenset({"run_dir", "resume", "print_every", "dist_timeout_s", "async_checkpoint",
@@ -16,7 +18,8 @@ class TrainerConfig:
     """Configuration of one training run (one run directory, any number of attempts)."""
 
     run_dir: str
-    """Run directory: holds ``ledger.db`` and the shard blobs. Created if missing."""
+    """Run directory: holds ``ledger.db`` and the shard blobs. Created if missing. Or a run in a PostgreSQL
+    database, ``postgresql://USER@HOST:PORT/DB?run=NAME`` (password only via PGPASSWORD/~/.pgpass/PGSERVICE)."""
 
     stack: str = "ddp"
     """Parallelism stack, a name in :func:`trainer.stacks.available_stacks` (``ddp``, ``fsdp``)."""
@@ -57,6 +60,10 @@ class TrainerConfig:
     """How checkpoint files store each item: ``none``, ``zstd`` or ``zstd-bg`` (byte-grouped zstd,
     smaller for float weights, slower to write). Any attempt reads checkpoints of every codec."""
 
+    ckpt_every_seconds: float | None = None
+    """Also commit a checkpoint once this many wall-clock seconds passed since the last one (decided on
+    rank 0, the same step on every rank); ``None``: by steps only. Text durations work: ``30m``."""
+
     keep_last: int | None = None
     """Retention: keep the K highest-step committed checkpoints (``None``: no such rule)."""
 
@@ -65,6 +72,15 @@ class TrainerConfig:
 
     keep_best: int | None = None
     """Retention: keep the K best checkpoints by ``best_metric`` (``None``: no such rule)."""
+
+    keep_every_seconds: float | None = None
+    """Retention: keep the first checkpoint committed in each window of this many seconds (``None``: no such rule)."""
+
+    keep_for: float | None = None
+    """Retention: keep every checkpoint committed less than this many seconds ago (``None``: no such rule)."""
+
+    keep_without_metric: bool = False
+    """Retention: with ``keep_best``, also keep checkpoints without a ``best_metric`` value."""
 
     best_metric: str = "eval_loss"
     """Metric that ranks checkpoints for the ``best`` alias."""
@@ -102,6 +118,7 @@ class TrainerConfig:
 
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ValueError("run_dir must be a non-empty path")
+        parse_run_address(self.run_dir)  # a postgresql:// run must be well-formed and carry no password
         if self.stack in PLANNED_STACKS:
             raise ValueError(f"stack {self.stack!r} is not implemented yet: {PLANNED_STACKS[self.stack]}")
         if self.stack not in available_stacks():
@@ -117,6 +134,14 @@ class TrainerConfig:
                 _require_int(name, getattr(self, name), minimum=0)
         if self.keep_every is not None:
             _require_int("keep_every", self.keep_every, minimum=1)
+        from ledger import RetentionPolicy
+        from ledger.time_retention import parse_duration
+
+        if self.ckpt_every_seconds is not None:
+            self.ckpt_every_seconds = parse_duration(self.ckpt_every_seconds, name="ckpt_every_seconds")
+        policy = RetentionPolicy(keep_every_seconds=self.keep_every_seconds, keep_for=self.keep_for,
+                                 keep_without_metric=self.keep_without_metric)
+        self.keep_every_seconds, self.keep_for = policy.keep_every_seconds, policy.keep_for
         if not isinstance(self.async_checkpoint, bool):
             raise ValueError(f"async_checkpoint must be True or False, got {self.async_checkpoint!r}")
         from trainer.dcp_codec import CHECKPOINT_CODECS

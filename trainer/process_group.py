@@ -90,13 +90,36 @@ def slurm_facts(env: MutableMapping[str, str]) -> dict[str, Any] | None:
     }
 
 
+def context_of_current_group() -> DistContext:
+    """The context of a default process group someone else initialized (we do not own it)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return DistContext(rank, world, local_rank, _device(local_rank), dist.get_backend(), owns_group=False)
+
+
+def join_current_or_single(timeout_s: float) -> DistContext:
+    """The caller's process group if there is one, else a one-process gloo group of our own.
+
+    For code that runs inside someone else's loop: it never joins a multi-process job on
+    its own (that is the loop's ``init_process_group`` to do) and never needs a port:
+    the lone process's group rendezvous through an in-memory store.
+    """
+    if dist.is_initialized():
+        return context_of_current_group()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise RuntimeError(f"WORLD_SIZE={world} but no process group is initialized: call "
+                           "torch.distributed.init_process_group() first")
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=timedelta(seconds=timeout_s))
+    return DistContext(0, 1, 0, torch.device("cpu"), "gloo", owns_group=True)
+
+
 def init_distributed(timeout_s: float) -> DistContext:
     """Join (or create) the default process group; every collective times out after ``timeout_s``."""
     env = os.environ
     if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = int(env.get("LOCAL_RANK", rank))
-        return DistContext(rank, world, local_rank, _device(local_rank), dist.get_backend(), owns_group=False)
+        return context_of_current_group()
     if under_srun(env):
         map_slurm_env(env)
     if "RANK" not in env:

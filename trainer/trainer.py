@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,22 +26,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.checkpoint import CheckpointException
 from torch.optim.lr_scheduler import LambdaLR
 
-from ledger import LedgerError, RetentionPolicy
 from ledger.faults import crash_point
-from trainer.checkpointing import BackgroundCheckpointError, Candidate, Checkpointer, SaveOutcome
+from trainer.checkpoint_manager import CheckpointManager, unmappable_checkpoint_message  # noqa: F401 - re-exported
+from trainer.checkpointing import Checkpointer
 from trainer.config import TrainerConfig
-from trainer.errors import EXIT_PREEMPTED, EXIT_PROBLEM, BadInputError, StartRefusedError
-from trainer.identity import code_id, config_hash
-from trainer.journal import RunJournal
-from trainer.pretrained import read_pretrained
-from trainer.preemption import PreemptionWatch, StopReason
-from trainer.process_group import all_reduce_max, all_reduce_mean, broadcast_object, init_distributed, slurm_facts
-from trainer.sources import StartPlan, choose_start, honoured_resume
+from trainer.errors import BadInputError
+from trainer.preemption import PreemptionWatch
+from trainer.process_group import all_reduce_mean, init_distributed
 from trainer.stacks import get_stack
-from trainer.train_state import load_template, pack, restore_rng, seed_everything, seed_rank, unpack
+from trainer.train_state import seed_everything, seed_rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,31 +68,28 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
-def _is_layout_error(err: BaseException) -> bool:
-    """Whether a failed load is about the checkpoint's contents, not about a lost peer."""
-    causes = [failure[0] for failure in err.failures.values()] if isinstance(err, CheckpointException) else [err]
-    return not any(isinstance(cause, dist.DistError) for cause in causes)
+def default_optimizer(config: TrainerConfig) -> Callable[[Any], torch.optim.Optimizer]:
+    """``optimizer_fn`` by default: AdamW with the config's ``lr`` and ``weight_decay``."""
+    return lambda params: torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def unmappable_checkpoint_message(candidate: Candidate, stack: str, world_size: int, topology: dict[str, int],
-                                  err: BaseException) -> str:
-    """One line: which layout saved the checkpoint, which one could not load it and why, and what loads it."""
-    def layout(stack_name: str, world: int, topo: dict[str, int]) -> str:
-        return f"--stack {stack_name} --nproc {world} --tp {topo.get('tp', 1)} --pp {topo.get('pp', 1)}"
+def default_scheduler(config: TrainerConfig) -> Callable[[torch.optim.Optimizer], Any]:
+    """``scheduler_fn`` by default: linear warm-up, then cosine decay to 10% at ``config.steps``."""
+    return lambda optimizer: LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.steps))
 
-    if isinstance(err, CheckpointException):
-        reason = "; ".join(f"{type(f[0]).__name__}: {f[0]}" for f in list(err.failures.values())[:1])
-    else:
-        reason = f"{type(err).__name__}: {err}"
-    saved = layout(candidate.stack, candidate.world_size, candidate.topology)
-    return (f"checkpoint {candidate.checkpoint_id} (step {candidate.step}) was saved by {saved} and cannot be "
-            f"resharded to {layout(stack, world_size, topology)} ({' '.join(reason.split())[:300]}); "
-            f"resume it with {saved}")
+
+#: ``step_fn(trainer, inputs, targets) -> detached loss``: one whole optimization step.
+StepFn = Callable[["Trainer", torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Trainer:
     """One attempt of a run: set up in the constructor, trained by :meth:`fit`.
 
+    Its checkpoints go through a :class:`~trainer.CheckpointManager` like any user
+    loop's. Pluggable: ``optimizer_fn(params)`` and ``scheduler_fn(optimizer)`` (default:
+    AdamW and the warm-up cosine schedule), ``step_fn`` or an overridden :meth:`train_step`
+    (clipping, accumulation, autocast), and ``shard_units(model)`` choosing the FSDP
+    units of ``--stack fsdp`` (default: the entries of ``model.blocks``).
     ``preemption`` is a watch the caller installed earlier (so that a signal arriving
     during setup is not lost); by default the trainer installs its own.
     """
@@ -107,10 +97,17 @@ class Trainer:
     def __init__(self, config: TrainerConfig, *, model_fn: Callable[[], nn.Module],
                  data_fn: Callable[[int, int, int, torch.device], Any],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 optimizer_fn: Callable[[Any], torch.optim.Optimizer] | None = None,
+                 scheduler_fn: Callable[[torch.optim.Optimizer], Any] | None = None,
+                 step_fn: StepFn | None = None,
+                 shard_units: Callable[[nn.Module], list[nn.Module]] | None = None,
                  preemption: PreemptionWatch | None = None) -> None:
         self.config = config
         self.loss_fn = loss_fn or cross_entropy_loss
-        self.journal: RunJournal | None = None
+        self.optimizer_fn = optimizer_fn or default_optimizer(config)
+        self.scheduler_fn = scheduler_fn or default_scheduler(config)
+        self.step_fn = step_fn
+        self.checkpoints: CheckpointManager | None = None
 
         # 1. Distributed init: join the process group (gloo on CPU, nccl on CUDA). Signals are
         #    caught from here on: a preemption during setup is acted on at the first step boundary.
@@ -118,16 +115,21 @@ class Trainer:
         self._owns_watch = preemption is None
         self.preemption = preemption or PreemptionWatch().install()
         try:
-            self._setup(model_fn, data_fn)
+            self._setup(model_fn, data_fn, shard_units)
         except BaseException:
             self.close(failed=True)
             raise
 
-    def _setup(self, model_fn: Callable[[], nn.Module], data_fn: Callable[..., Any]) -> None:
+    def _setup(self, model_fn: Callable[[], nn.Module], data_fn: Callable[..., Any],
+               shard_units: Callable[[nn.Module], list[nn.Module]] | None) -> None:
         cfg, ctx = self.config, self.ctx
 
         # 2. Device mesh: the stack validates tp/pp against the world and lays out the ranks.
         self.stack = get_stack(cfg.stack, cfg)
+        if shard_units is not None:
+            if not hasattr(self.stack, "shard_units"):
+                raise BadInputError(f"shard_units= chooses FSDP units; --stack {cfg.stack} does not use it")
+            self.stack.shard_units = shard_units
         try:
             self.topology = self.stack.topology(ctx.world_size, tp=cfg.tp, pp=cfg.pp)
         except ValueError as err:
@@ -146,274 +148,108 @@ class Trainer:
         seed_rank(cfg.seed, ctx.rank)
 
         # 6. Optimizer, LR schedule and this rank's slice of the data.
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = LambdaLR(self.optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+        self.optimizer = self.optimizer_fn(self.model.parameters())
+        self.scheduler = self.scheduler_fn(self.optimizer)
         self.data = data_fn(dp_rank, dp_size, cfg.seed, ctx.device)
+        self.state = {"model": self.model, "optim": self.optimizer, "data": self.data}
+        if self.scheduler is not None:
+            self.state["scheduler"] = self.scheduler
 
-        # 7. Read the projection: rank 0 alone opens the ledger, records the run's identity once.
-        view = None
-        if ctx.is_coordinator:
-            self.journal = RunJournal(cfg.run_dir)
-            canonical = cfg.canonical()
-            _, same = self.journal.start_run(canonical, config_hash(canonical), code_id())
-            if not same:
-                self._say("note: this config differs from the one the run started with (see run.started)")
-            view = self.journal.projection()
-        self.checkpointer = Checkpointer(
-            ctx, cfg.run_dir, self.journal, stack=cfg.stack, topology=self.topology.as_dict(),
-            retention=RetentionPolicy(keep_last=cfg.keep_last, keep_every=cfg.keep_every, keep_best=cfg.keep_best),
-            background=cfg.async_checkpoint, codec=cfg.checkpoint_codec,
+        # 7. The checkpoint manager: records the run, picks the start source (explicit resume >
+        #    automatic resume > pretrained > fresh, verifying shard hashes), loads it and begins
+        #    the attempt (fencing older ones).
+        self.checkpoints = CheckpointManager(
+            cfg.run_dir, save_every=cfg.ckpt_every, save_every_seconds=cfg.ckpt_every_seconds,
+            keep_last=cfg.keep_last, keep_every=cfg.keep_every, keep_best=cfg.keep_best,
+            keep_every_seconds=cfg.keep_every_seconds, keep_for=cfg.keep_for,
+            keep_without_metric=cfg.keep_without_metric, best_metric=cfg.best_metric, best_mode=cfg.best_mode,
+            async_save=cfg.async_checkpoint, codec=cfg.checkpoint_codec, resume=cfg.resume,
+            pretrained=cfg.pretrained, config=cfg.canonical(), log_every=cfg.log_every, stack=cfg.stack,
+            topology=self.topology.as_dict(), state_io=self.stack, dist_timeout_s=cfg.dist_timeout_s,
+            preemption=self.preemption,
         )
-        self.checkpoint_timings = self.checkpointer.timings
-        self._background_error: BackgroundCheckpointError | None = None
+        self.step = self.checkpoints.restore(self.state)
+        self.checkpoint_timings = self.checkpoints.timings  # what each checkpoint cost this rank (kept after close)
 
-        # 8. Choose the source (explicit resume > automatic resume > pretrained > fresh), verifying
-        #    shard hashes; begin the attempt (fencing older ones); then load.
-        plan = choose_start(self.checkpointer, view, resume=honoured_resume(cfg.resume), pretrained=cfg.pretrained)
-        self.epoch = self._begin_attempt(plan)
-        self.step = self._load(plan)
-        self._saved_step = self.step if plan.candidate is not None else None
-
-    # -- setup helpers ----------------------------------------------------------------------------
-
-    def _begin_attempt(self, plan: StartPlan) -> int:
-        """Rank 0 records the attempt and any corruption found; every rank learns the epoch."""
-        answer: tuple[int | None, str | None] | None = None
-        if self.journal is not None:
-            epoch = None
-            if plan.error is None:
-                candidate = plan.candidate
-                previous = None if candidate is None else {
-                    "world_size": candidate.world_size, "stack": candidate.stack, **candidate.topology}
-                epoch = self.journal.begin_attempt(
-                    world_size=self.ctx.world_size, stack=self.config.stack, topology=self.topology.as_dict(),
-                    resumed_from=candidate.checkpoint_id if candidate else None, slurm=slurm_facts(os.environ),
-                    previous_topology=previous,
-                )
-            for bad in plan.bad_shards:
-                self.journal.report_corruption(bad.checkpoint_id, bad.location, bad.expected_hash, bad.found_hash)
-                self._say(f"corruption: {bad.detail}; checkpoint {bad.checkpoint_id} will not be loaded")
-            answer = (epoch, plan.error)
-        epoch, error = broadcast_object(answer)
-        if error is not None:
-            raise StartRefusedError(error)
-        return epoch
-
-    def _load(self, plan: StartPlan) -> int:
-        """Load the chosen source; returns the step the attempt starts at."""
-        if plan.candidate is not None:
-            return self._resume(plan.candidate)
-        if plan.pretrained is not None:
-            weights = read_pretrained(plan.pretrained)
-            try:
-                self.stack.load_full_model_state(self.model, weights)
-            except (RuntimeError, KeyError, ValueError) as err:
-                raise BadInputError(f"--pretrained {plan.pretrained}: does not fit the model "
-                                    f"({' '.join(str(err).split())[:200]})") from None
-            self._say(f"initialised model weights from {plan.pretrained} (optimizer, schedule and step start fresh)")
-        return 0
-
-    def _resume(self, candidate: Candidate) -> int:
-        rank = self.ctx.rank
-        # With a different world size there is no state of "this rank"; continue rank r from r mod old.
-        source_rank = rank % candidate.world_size
-        model_state, optim_state = self.stack.state_dicts(self.model, self.optimizer)
-        template = load_template(model_state=model_state, optim_state=optim_state, rank=source_rank)
-        try:
-            self.checkpointer.load(candidate, template)
-            self.stack.load_state_dicts(self.model, self.optimizer, template["model"], template["optim"])
-        except (CheckpointException, KeyError, ValueError, RuntimeError) as err:
-            # DCP reshards between stacks and world sizes; what it cannot map is refused with
-            # the layout that saved the checkpoint (lost peers are crashes, not refusals).
-            here = (self.config.stack, self.ctx.world_size, self.topology.as_dict())
-            if here == (candidate.stack, candidate.world_size, candidate.topology) or not _is_layout_error(err):
-                raise
-            raise BadInputError(unmappable_checkpoint_message(candidate, *here, err)) from None
-        trainer_state, rank_state = unpack(template, source_rank)
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
-        restore_rng(rank_state["rng"])
-        self.data.load_state_dict(rank_state["data"])
-        if candidate.world_size != self.ctx.world_size:
-            self._say(f"world size changed {candidate.world_size} -> {self.ctx.world_size}: "
-                      "resumed, but not bitwise-comparable with an unchanged run")
-        self._say(f"resumed from {candidate.checkpoint_id} at step {trainer_state['step']}")
-        return int(trainer_state["step"])
+    @property
+    def checkpointer(self) -> Checkpointer | None:
+        """The manager's checkpointer (saves, loads, timings)."""
+        return self.checkpoints.checkpointer if self.checkpoints is not None else None
 
     # -- the loop -----------------------------------------------------------------------------------
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One optimization step on a batch; returns the detached local loss.
+
+        Default: the stack's forward/backward, then optimizer and schedule steps. Override it
+        (or pass ``step_fn``) for gradient clipping, accumulation, autocast.
+        """
+        if self.step_fn is not None:
+            return self.step_fn(self, inputs, targets)
+        loss = self.stack.train_step(self.model, inputs, targets, self.loss_fn)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
 
     def fit(self) -> RunOutcome:
         """Train to ``config.steps``; checkpoint, evaluate, stop early on preemption or fencing."""
         try:
             outcome = self._fit()
         except BaseException:
-            self._drain_background()
-            if self.journal is not None:
-                try:
-                    self.journal.end_attempt("failed", self.step)
-                except LedgerError as err:  # the original error matters more; say why the record is missing
-                    print(f"[ckpt-ledger] could not record the failed attempt: {err}", file=sys.stderr)
             self.close(failed=True)
             raise
         self.close()
         return outcome
 
     def _fit(self) -> RunOutcome:
-        cfg = self.config
+        cfg, ckpt = self.config, self.checkpoints
         if self.step >= cfg.steps:
             self._say(f"run is already at step {self.step} of {cfg.steps}; nothing to do")
-            return self._finish("completed", 0)
+            return self._end()
         self.model.train()
         started, started_step = time.perf_counter(), self.step
         while self.step < cfg.steps:
             inputs, targets = self.data.next_batch()
-            loss = self.stack.train_step(self.model, inputs, targets, self.loss_fn)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.train_step(inputs, targets)
             self.step += 1
             crash_point("trainer.after_step")
-            if self.journal is not None:
-                self.journal.step_completed(self.step, {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0]})
-                if self.step % cfg.log_every == 0:
-                    self.journal.flush_steps()
+            metrics = {"loss": float(loss)}
+            if self.scheduler is not None and hasattr(self.scheduler, "get_last_lr"):
+                metrics["lr"] = self.scheduler.get_last_lr()[0]
+            ckpt.log(self.step, **metrics)
             if cfg.print_every and (self.step % cfg.print_every == 0 or self.step == started_step + 1):
                 rate = (self.step - started_step) / max(time.perf_counter() - started, 1e-9)
                 mean = all_reduce_mean(loss)
                 self._say(f"step {self.step}/{cfg.steps}  loss {mean:.4f}  {rate:.1f} steps/s")
 
-            self._collect_background(block=False)
-            checkpoint_id = None  # the checkpoint taken at this step, committed or under way
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+            if ckpt.should_save(self.step) or self.step == cfg.steps:
                 # The final checkpoint is synchronous: the attempt ends only once it is durable.
-                saved = self._checkpoint(synchronous=self.step == cfg.steps or not cfg.async_checkpoint)
-                if saved is None:
-                    checkpoint_id = self.checkpointer.in_flight
-                elif saved.committed:
-                    checkpoint_id = saved.checkpoint_id
+                ckpt.save(self.step, self.state, block=self.step == cfg.steps)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
-                self._evaluate(checkpoint_id)
+                self._evaluate()
+            if ckpt.should_stop(self.step):
+                ckpt.save(self.step, self.state, block=True)  # a no-op when this step was just saved
+                return self._end()
+        return self._end()
 
-            stop, detail = self._agree_to_stop()
-            if stop == StopReason.FENCED:
-                return self._fenced(detail)
-            if stop == StopReason.PREEMPTED:
-                return self._preempted(detail)
-        return self._finish("completed", 0)
+    def _end(self) -> RunOutcome:
+        """Make sure the last step is committed (a failed final save is retried once), then end the attempt."""
+        ckpt = self.checkpoints
+        if self.step > 0 and ckpt.committed_step != self.step:
+            ckpt.save(self.step, self.state, block=True)  # waits for it if it is being written; no-op once fenced
+        ckpt.close()
+        return RunOutcome(ckpt.status, self.step, ckpt.exit_code, ckpt.message)
 
-    def _checkpoint(self, *, synchronous: bool = True) -> SaveOutcome | None:
-        """Checkpoint the current step; ``None`` when it is being written in the background.
-
-        A checkpoint still in flight is finished (and its outcome taken) first: at most one
-        is in flight, and its staging buffers are about to be reused.
-        """
-        started = time.perf_counter()  # the stall recorded in checkpoint_timings starts here
-        self._collect_background(block=True)
-        model_state, optim_state = self.stack.state_dicts(self.model, self.optimizer)
-        state = pack(model_state=model_state, optim_state=optim_state, step=self.step,
-                     scheduler_state=self.scheduler.state_dict(), rank=self.ctx.rank, data_state=self.data.state_dict())
-        if synchronous:
-            outcome = self.checkpointer.save(state, step=self.step, epoch=self.epoch, started=started)
-        else:
-            outcome = self.checkpointer.save_async(state, step=self.step, epoch=self.epoch, started=started)
-        if outcome is not None:
-            self._take(outcome)
-        return outcome
-
-    def _take(self, outcome: SaveOutcome) -> None:
-        """Learn how a checkpoint ended (rank 0 says so)."""
-        if outcome.committed:
-            self._saved_step = outcome.step
-            self._say(f"checkpoint {outcome.checkpoint_id} committed at step {outcome.step}")
-        elif not outcome.fenced:
-            self._say(f"checkpoint {outcome.checkpoint_id} aborted: {outcome.reason}", error=True)
-
-    def _collect_background(self, *, block: bool) -> None:
-        """Take a background save's outcome if it ended (``block``: wait for it).
-
-        A writer failure found at a step boundary is kept for the stop vote, so every rank
-        stops at the same step; when blocking (before another save, at the end) it is raised.
-        """
-        if self._background_error is not None:
-            raise self._background_error
-        try:
-            outcome = self.checkpointer.wait() if block else self.checkpointer.poll()
-        except BackgroundCheckpointError as err:
-            self._background_error = err
-            if block:
-                raise
-            return
-        if outcome is not None:
-            self._take(outcome)
-
-    def _drain_background(self) -> None:
-        """After a failure: give the background writer a bounded time to record its end."""
-        checkpointer = getattr(self, "checkpointer", None)
-        if checkpointer is None or checkpointer.in_flight is None:
-            return
-        try:
-            checkpointer.wait(timeout_s=min(30.0, self.config.dist_timeout_s))
-        except BackgroundCheckpointError as err:
-            print(f"[ckpt-ledger] {err}", file=sys.stderr, flush=True)
-
-    def _evaluate(self, checkpoint_id: str | None) -> None:
+    def _evaluate(self) -> None:
         batches = getattr(self.data, "eval_batches", None)
         if batches is None:
             return
         self.model.eval()
         losses = [self.stack.eval_loss(self.model, x, y, self.loss_fn) for x, y in batches()]
         self.model.train()
-        value = all_reduce_mean(torch.stack(losses).mean())
-        # A metric naming a checkpoint in flight is appended by its writer, after checkpoint.started.
-        self.checkpointer.record_metric("eval_loss", value, step=self.step, checkpoint_id=checkpoint_id)
-
-    def _agree_to_stop(self) -> tuple[StopReason, int]:
-        """Every rank's view of preemption and fencing, reduced: all ranks stop at the same step."""
-        received = self.preemption.received
-        signum = int(signal.Signals[received]) if received is not None else 0
-        fenced_by = self.journal.fenced_by if self.journal is not None and self.journal.fenced_by else 0
-        failed = int(self._background_error is not None)
-        signum, fenced_by, failed = all_reduce_max([signum, fenced_by, failed], self.ctx.device)
-        if failed:  # every rank stops at this boundary, the one whose writer failed says why
-            raise self._background_error or BackgroundCheckpointError(
-                "a peer's background checkpoint writer failed (its error is in that rank's output)")
-        if fenced_by:
-            return StopReason.FENCED, fenced_by
-        return (StopReason.PREEMPTED if signum else StopReason.NONE), signum
-
-    def _preempted(self, signum: int) -> RunOutcome:
-        name = signal.Signals(signum).name
-        self._collect_background(block=True)
-        if self.journal is not None and self.journal.fenced_by is not None:
-            return self._fenced(self.journal.fenced_by)
-        if self._saved_step != self.step:
-            saved = self._checkpoint()
-            if saved.fenced:
-                return self._fenced(saved.fenced_by)
-            if not saved.committed:
-                message = f"preempted by {name} at step {self.step} but the checkpoint failed: {saved.reason}"
-                if self.journal is not None:
-                    self.journal.end_attempt("failed", self.step)
-                return RunOutcome("failed", self.step, EXIT_PROBLEM, message)
-        if self.journal is not None:
-            self.journal.end_attempt("preempted", self.step, signal_name=name)
-        self._say(f"preempted by {name}: saved at step {self.step}, exiting {EXIT_PREEMPTED} (requeue me)")
-        return RunOutcome("preempted", self.step, EXIT_PREEMPTED, f"preempted by {name}; state saved at step {self.step}")
-
-    def _fenced(self, fenced_by: int | None) -> RunOutcome:
-        message = f"fenced by epoch {fenced_by}: a newer attempt took over this run; this job stops (not restarted)"
-        return RunOutcome("fenced", self.step, EXIT_PROBLEM, message)
-
-    def _finish(self, status: str, exit_code: int) -> RunOutcome:
-        self._collect_background(block=True)
-        if self._saved_step != self.step and self.step > 0:
-            saved = self._checkpoint()
-            if saved.fenced:
-                return self._fenced(saved.fenced_by)
-        if self.journal is not None:
-            self.journal.end_attempt(status, self.step)
-            if self.journal.fenced_by is not None:  # rank 0 alone learns this; it is the one reporting
-                return self._fenced(self.journal.fenced_by)
-        return RunOutcome(status, self.step, exit_code)
+        self.checkpoints.record_metrics(self.step, eval_loss=all_reduce_mean(torch.stack(losses).mean()))
 
     # -- odds and ends ----------------------------------------------------------------------------
 
@@ -423,22 +259,21 @@ class Trainer:
                   flush=True)
 
     def close(self, *, failed: bool = False) -> None:
-        """Stop catching signals, release the ledger and leave the process group (if we joined it).
+        """End the attempt (if still open), stop catching signals and leave the process group (if we joined it).
 
         After a failure the group may be broken (a peer died mid-collective) and destroying it
         could block until the collective timeout, so it is left for process exit.
         """
+        if self.checkpoints is not None:
+            self.checkpoints.close(failed=failed)
         if self._owns_watch:
             self.preemption.uninstall()
-        self._drain_background()  # the writer uses the journal: it must be done before the journal closes
-        if self.journal is not None:
-            self.journal.close()
-            self.journal = None
         if failed or not (self.ctx.owns_group and dist.is_initialized()):
             return
         # Drop everything holding the group (DDP's reducer, the mesh) first, so that the group is
         # freed last, by destroy_process_group: a gloo group freed from DDP's reducer while the GIL
         # is held can deadlock against its own worker threads (pytorch/pytorch#56297).
-        self.model = self.optimizer = self.scheduler = self.mesh = self.checkpointer = None  # type: ignore[assignment]
+        self.model = self.optimizer = self.scheduler = self.mesh = self.state = None  # type: ignore[assignment]
+        self.checkpoints = None
         gc.collect()
         dist.destroy_process_group()

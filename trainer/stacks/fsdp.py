@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
@@ -21,14 +23,24 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 class FSDPStack(Stack):
-    """Fully sharded data parallelism (FSDP2) over the ``dp`` mesh dimension."""
+    """Fully sharded data parallelism (FSDP2) over the ``dp`` mesh dimension.
+
+    ``shard_units(model)`` chooses the submodules sharded as their own unit (default: the
+    entries of ``model.blocks``); e.g. ``lambda m: list(m.transformer.h)`` for a GPT-2.
+    """
 
     name = "fsdp"
 
+    def __init__(self, shard_units: Callable[[nn.Module], list[nn.Module]] = shard_units) -> None:
+        self.shard_units = shard_units
+
     def parallelize(self, model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-        """Shard each block, then the root, over the ``dp`` mesh (in place; returns the model)."""
+        """Shard each unit, then the root, over the ``dp`` mesh (in place; returns the model)."""
         dp_mesh = mesh["dp"]
-        for unit in shard_units(model):
+        units = self.shard_units(model)
+        if not isinstance(units, (list, tuple)) or not all(isinstance(u, nn.Module) for u in units):
+            raise ValueError(f"shard_units(model) must return a list of submodules, got {type(units).__name__}")
+        for unit in units:
             fully_shard(unit, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)
         return model
