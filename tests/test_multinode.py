@@ -326,3 +326,24 @@ def test_preempting_every_node_checkpoints_and_exits_75(tmp_path, tmp_path_facto
     assert requeued.returncode == 0, requeued.stderr
     assert view_of(run_dir).attempts[-1].first_step == attempt.last_step
     assert_bitwise_equal(reference, export_state(run_dir, tmp_path / "final.pt"))
+
+
+def test_each_node_agent_is_configured_for_the_shared_rendezvous(monkeypatch):
+    """What ckpt-ledger's launcher hands torch's elastic agent on each node (no process started)."""
+    from trainer.launch import NO_SHARED_STORE_ENV, agent_launch_config
+    from trainer.rendezvous import NodeRendezvous
+
+    for name in (NO_SHARED_STORE_ENV, "GLOO_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    configs = [agent_launch_config(nproc=4, max_restarts=3, nodes=NodeRendezvous(
+        nnodes=2, node_rank=rank, endpoint="node01:29500", run_id="exp1", local_addr=f"10.0.0.{rank + 1}"))
+        for rank in (0, 1)]
+    for rank, cfg in enumerate(configs):
+        assert (cfg.min_nodes, cfg.max_nodes, cfg.nproc_per_node, cfg.max_restarts) == (2, 2, 4, 3)
+        assert (cfg.rdzv_backend, cfg.rdzv_endpoint, cfg.run_id) == ("c10d", "node01:29500", "exp1")
+        assert cfg.rdzv_configs["is_host"] is (rank == 0) and cfg.local_addr == f"10.0.0.{rank + 1}"
+    assert os.environ[NO_SHARED_STORE_ENV] == "1"  # a fresh store per restart round (pytorch#135712)
+    assert "GLOO_SOCKET_IFNAME" not in os.environ and "MASTER_ADDR" not in os.environ  # a real network
+    agent_launch_config(nproc=1, max_restarts=0, nodes=NodeRendezvous(nnodes=2, node_rank=1,
+                                                                      endpoint="127.0.0.1:29500"))
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"  # loopback meeting point: gloo must bind lo
