@@ -378,8 +378,12 @@ def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int,
     except RendezvousError as err:
         # Multi-node only: a node never came, the endpoint is unreachable, or another node gave up.
         where = f" at {nodes.endpoint} ({nodes.nnodes} nodes, this is node {nodes.node_rank})" if nodes else ""
+        # torch's own message says "see inner exception"; the inner one's first line says what happened.
+        cause = str(err.__cause__).splitlines()[0] if err.__cause__ is not None and str(err.__cause__) else ""
         return LaunchOutcome(EXIT_PROBLEM, f"rendezvous{where} failed: {type(err).__name__}: "
-                                           f"{' '.join(str(err).split())[:300]}")
+                                           f"{' '.join((cause or str(err)).split())[:300]}; check that every "
+                                           "node runs with the same --nnodes and --rdzv-endpoint, and that "
+                                           "node 0 is reachable there")
     finally:
         _FORWARDER.uninstall()
     # Keyed by global rank: this node's workers, whose outcomes agree (every rank returns the same).
