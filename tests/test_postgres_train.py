@@ -103,3 +103,17 @@ def test_server_restart_mid_run_fails_the_attempt_cleanly_and_the_next_one_resum
     assert after.attempts[-1].status == "completed" and after.resume.step == 60
     assert after.attempts[-1].resumed_from is not None
     assert after.checkpoints[after.attempts[-1].resumed_from].step >= resumed.step
+
+
+def test_with_max_restarts_a_server_restart_is_recovered_within_the_same_job(tmp_path, own_server):
+    url = own_server.create_database("ledger") + "?run=r1"
+    args = ("train", "--run-dir", url, "--blobs", str(tmp_path / "blobs"), "--stack", "ddp", "--nproc", "2",
+            "--steps", "60", "--ckpt-every", "10", "--eval-every", "10", "--max-restarts", "2")
+    proc = start_cli(*args)
+    wait_for(lambda: bool(committed_steps(url)), timeout=300, proc=proc, what="the first commit")
+    own_server.restart()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "LedgerUnavailableError" in err  # the crash was reported, then the agent restarted the workers
+    view = view_of(url)
+    assert len(view.attempts) >= 2 and view.attempts[-1].status == "completed" and view.resume.step == 60
