@@ -105,6 +105,7 @@ def test_server_restart_mid_run_fails_the_attempt_cleanly_and_the_next_one_resum
     assert after.checkpoints[after.attempts[-1].resumed_from].step >= resumed.step
 
 
+@pytest.mark.slow  # `make test-all`: the restart-and-resume path itself is covered by the test above
 def test_with_max_restarts_a_server_restart_is_recovered_within_the_same_job(tmp_path, own_server):
     url = own_server.create_database("ledger") + "?run=r1"
     args = ("train", "--run-dir", url, "--blobs", str(tmp_path / "blobs"), "--stack", "ddp", "--nproc", "2",
