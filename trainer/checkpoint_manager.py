@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from ledger import LedgerError, RetentionPolicy, View
 from ledger.blobs import blob_store_for
+from ledger.run_address import is_database_url, parse_run_address
 from ledger.time_retention import parse_duration
 from trainer.checkpoint_state import (  # noqa: F401 - unmappable_checkpoint_message is re-exported
     DCPStateDicts,
@@ -116,6 +117,10 @@ class CheckpointManager:
         run_dir = str(run_dir) if run_dir is not None else ""
         if not run_dir:
             raise BadInputError("run_dir must be a non-empty path")
+        try:
+            parse_run_address(run_dir)  # a postgresql:// run must be well-formed and carry no password
+        except ValueError as err:
+            raise BadInputError(str(err)) from None
         _positive("save_every", save_every, integer=True)
         if save_every_seconds is not None:
             try:
@@ -200,6 +205,13 @@ class CheckpointManager:
         except ValueError as err:
             raise BadInputError(str(err)) from None
 
+    def _require_blobs_for_database_run(self) -> None:
+        """Rank 0: a run in a database has no directory for its shards; its first start must say where."""
+        if self.blobs is None and is_database_url(self.run_dir) \
+                and not self.journal.ledger.events(tags=["run.started"]):  # type: ignore[union-attr]
+            raise BadInputError(f"{parse_run_address(self.run_dir)} is a run in a database, which has no directory "
+                                "for checkpoint files: give it one with --blobs DIR|s3://BUCKET/PREFIX (blobs=)")
+
     def _recorded_blobs(self) -> tuple[str | None, str | None]:
         """Rank 0: ``(blob URL run.started recorded, error)`` — asking for another place than the recorded one is an error."""
         recorded = self.journal.blobs.url  # type: ignore[union-attr]
@@ -230,17 +242,25 @@ class CheckpointManager:
 
         view: View | None = None
         where: tuple[str | None, str | None] | None = None
+        failure: BaseException | None = None
         if self.ctx.is_coordinator:  # rank 0 alone opens the ledger and records the run once
-            self.journal = RunJournal(self.run_dir)
-            recorded = {**self.config, **self._policy_config()}
-            _, same = self.journal.start_run(recorded, config_hash(recorded), user_code_id(), blobs=self.blobs,
-                                             ledger_version=ledger_version())
-            if not same:
-                self._say("note: this config differs from the one the run started with (see run.started)")
-            view = self.journal.projection()
-            where = self._recorded_blobs()
+            try:
+                self.journal = RunJournal(self.run_dir)
+                self._require_blobs_for_database_run()
+                recorded = {**self.config, **self._policy_config()}
+                _, same = self.journal.start_run(recorded, config_hash(recorded), user_code_id(), blobs=self.blobs,
+                                                 ledger_version=ledger_version())
+                if not same:
+                    self._say("note: this config differs from the one the run started with (see run.started)")
+                view = self.journal.projection()
+                where = self._recorded_blobs()
+            except (LedgerError, ValueError, OSError) as err:
+                # The other ranks wait in the broadcast below: tell them, rather than leave them to time out.
+                failure, where = err, (None, str(err).splitlines()[0] if str(err) else type(err).__name__)
         # Every rank writes its own shards straight to the run's blob store: it learns which from rank 0.
         blobs_url, error = broadcast_object(where)
+        if failure is not None:
+            raise failure
         if error is not None:
             raise BadInputError(error)
         store = self.journal.blobs if self.journal is not None else blob_store_for(blobs_url, self.run_dir)
