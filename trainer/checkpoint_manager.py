@@ -210,13 +210,18 @@ class CheckpointManager:
         self.stack, self.topology = stack, topology
 
         view: View | None = None
+        failure: LedgerError | None = None
         if self.ctx.is_coordinator:  # rank 0 alone opens the ledger and records the run once
-            self.journal = RunJournal(self.run_dir)
-            recorded = {**self.config, **self._policy_config()}
-            _, same = self.journal.start_run(recorded, config_hash(recorded), code_id())
-            if not same:
-                self._say("note: this config differs from the one the run started with (see run.started)")
-            view = self.journal.projection()
+            try:
+                view = self._open_journal()
+            except LedgerError as err:
+                failure = err
+        # Every rank learns whether rank 0 could read the ledger, rather than waiting in the next collective.
+        problem = broadcast_object(None if failure is None else str(failure).splitlines()[0])
+        if failure is not None:
+            raise failure
+        if problem is not None:
+            raise StartRefusedError(f"rank 0 could not open the run's ledger: {problem}")
         self.checkpointer = Checkpointer(self.ctx, self.blobs, self.journal, stack=stack, topology=topology,
                                          retention=self.retention, background=self.async_save, codec=self.codec)
         self._timings = self.checkpointer.timings
@@ -234,6 +239,15 @@ class CheckpointManager:
         self.restored_from = plan.candidate.checkpoint_id if plan.candidate is not None else None
         self._last_save_time = time.monotonic()
         return step
+
+    def _open_journal(self) -> View:
+        """Rank 0: open the ledger, record ``run.started`` (once per run); the projection now."""
+        self.journal = RunJournal(self.run_dir)
+        recorded = {**self.config, **self._policy_config()}
+        _, same = self.journal.start_run(recorded, config_hash(recorded), code_id())
+        if not same:
+            self._say("note: this config differs from the one the run started with (see run.started)")
+        return self.journal.projection()
 
     def _policy_config(self) -> dict[str, Any]:
         """The fields the ledger's decisions read from ``run.started`` (best rule, retention for gc)."""
@@ -504,7 +518,7 @@ class CheckpointManager:
     def _fenced(self, fenced_by: int | None) -> None:
         self.exit_code, self.status = EXIT_PROBLEM, "fenced"
         self.message = f"fenced by epoch {fenced_by}: a newer attempt took over this run; this job stops (not restarted)"
-        self._say(self.message, error=True)
+        self._say(self.message)  # a progress line: stderr is left to whoever reports the exit (the CLI does)
 
     def _end_failed(self) -> None:
         self.exit_code, self.status = EXIT_PROBLEM, "failed"
