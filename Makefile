@@ -12,7 +12,7 @@ DEMO_DIR ?= runs/demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 numpy
-	$(PY) -m pip install -q -e '.[test,plot,export]'
+	$(PY) -m pip install -q -e '.[test,plot,export,lightning,transformers,postgres]' torch==2.13.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,6 +10,7 @@ from ledger.errors import (
     FencedError,
     LedgerError,
     LedgerNotFoundError,
+    LedgerUnavailableError,
     SchemaTooNewError,
 )
 
@@ -32,7 +33,7 @@ class CliError(click.ClickException):
 
 def exit_code_for(exc: LedgerError | ValueError | OSError) -> int:
     """The contract's exit code for a library error."""
-    if isinstance(exc, (LedgerNotFoundError, CorruptLedgerError, SchemaTooNewError)):
+    if isinstance(exc, (LedgerNotFoundError, CorruptLedgerError, SchemaTooNewError, LedgerUnavailableError)):
         return EXIT_USAGE
     if isinstance(exc, (CheckpointNotFoundError, FencedError, LedgerError)):
         return EXIT_PROBLEM

@@ -79,6 +79,8 @@ def _register() -> None:
     cli.add_command(train_command)
     from cli.export_cmd import export_command
     cli.add_command(export_command)
+    from cli.runs_cmd import runs_command
+    cli.add_command(runs_command)
 
 
 _register()

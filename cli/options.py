@@ -10,6 +10,7 @@ import click
 
 from cli.errors import EXIT_USAGE, CliError
 from ledger import LEDGER_FILE, Ledger
+from ledger.run_address import PostgresRun, RunAddressError, parse_run_address
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 
@@ -35,13 +36,35 @@ class SeqType(click.ParamType):
 seq_type = SeqType()
 
 
+class RunAddressType(click.ParamType):
+    """A run: a directory (``Path``) or ``postgresql://USER@HOST:PORT/DB?run=NAME`` (:class:`PostgresRun`)."""
+
+    name = "DIR"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
+        if isinstance(value, (Path, PostgresRun)):
+            return value
+        try:
+            return parse_run_address(str(value))
+        except RunAddressError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+run_address_type = RunAddressType()
+
+
 def run_dir_argument(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The ``DIR`` positional argument: a run directory holding ledger.db."""
-    return click.argument("run_dir", metavar="DIR", type=click.Path(path_type=Path))(fn)
+    """The ``DIR`` positional argument: a run directory holding ledger.db, or a PostgreSQL run URL."""
+    return click.argument("run_dir", metavar="DIR", type=run_address_type)(fn)
 
 
-def check_run_dir(run_dir: Path) -> Path:
-    """Refuse a path that is not an existing run directory, with the fix in the message."""
+def check_run_dir(run_dir: Path | PostgresRun) -> Path | PostgresRun:
+    """Refuse a path that is not an existing run directory, with the fix in the message.
+
+    A PostgreSQL run is checked when it is opened (the server says whether it exists).
+    """
+    if isinstance(run_dir, PostgresRun):
+        return run_dir
     if not run_dir.exists():
         raise CliError(f"run directory {run_dir} does not exist; pass the --run-dir used for `ckpt-ledger train`", EXIT_USAGE)
     if not run_dir.is_dir():
@@ -51,7 +74,7 @@ def check_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def open_read_only(run_dir: Path) -> Ledger:
+def open_read_only(run_dir: Path | PostgresRun) -> Ledger:
     """Open a run's ledger without creating or changing any file."""
     return Ledger.open(check_run_dir(run_dir), read_only=True)
 

@@ -41,7 +41,13 @@ def _print_after(led: Ledger, after_seq: int, as_json: bool) -> int:
 
 
 def follow(led: Ledger, after_seq: int, as_json: bool) -> None:
-    """Print new events as they are appended, until interrupted. Sleeps between file-system events."""
+    """Print new events as they are appended, until interrupted. Sleeps between file-system events
+    (a run in a database: between the server's notifications of committed appends)."""
+    wait_for_append = getattr(led.store, "wait_for_append", None)
+    if wait_for_append is not None:
+        while True:
+            wait_for_append(FALLBACK_S)
+            after_seq = _print_after(led, after_seq, as_json)
     wake = threading.Event()
     observer = Observer()
     observer.schedule(_LedgerChanged(wake), str(led.run_dir), recursive=False)

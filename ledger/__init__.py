@@ -3,6 +3,13 @@
 Every lifecycle fact of a run is appended to an SQLite event log; a pure
 projection of that log decides resume, retention, best and latest.
 
+=========  ==========================================================================
+born       ``trainer/`` (a step, a save, a signal) and the CLI's operator commands
+recorded   ``ledger.Ledger`` over ``ledger/store/`` (the only code that touches the database)
+decided    ``ledger/projection.py`` (the fold) and ``ledger/decisions.py`` (pure functions of it)
+shown      ``cli/`` (inspect, replay, audit, tail, timeline), via ``Ledger``'s read API only
+=========  ==========================================================================
+
 >>> from ledger import Ledger
 >>> led = Ledger.open("runs/exp1")                 # doctest: +SKIP
 >>> led.projection().resume                       # doctest: +SKIP
@@ -24,6 +31,7 @@ from ledger.errors import (
     SchemaTooNewError,
     UnknownEventError,
 )
+from ledger.health import Anomaly, LedgerHealth
 from ledger.ledger import Attempt, Ledger
 from ledger.retention import Deletion, RetentionPolicy
 from ledger.store import LEDGER_FILE, StoredEvent
@@ -31,6 +39,7 @@ from ledger.view import View
 
 __all__ = [
     "LEDGER_FILE",
+    "Anomaly",
     "Attempt",
     "BestRule",
     "BlobInfo",
@@ -45,6 +54,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "Ledger",
     "LedgerError",
+    "LedgerHealth",
     "LedgerNotFoundError",
     "LedgerWarning",
     "LedgerWriteError",

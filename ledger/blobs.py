@@ -12,8 +12,10 @@ hashes recorded by earlier versions still verify.
 Locations are relative strings (``blobs/<checkpoint>/e<epoch>/...``): the epoch in
 the path means a stale attempt can never overwrite a live attempt's files.
 
-:class:`BlobStore` is the small interface a remote backend (e.g. fsspec/S3) would
-implement; :class:`LocalBlobStore` is the local-filesystem one.
+:class:`BlobStore` is the small interface every backend implements;
+:class:`LocalBlobStore` is the local-filesystem one and
+:class:`ledger.blobs_remote.FsspecBlobStore` the object-storage one (``s3://…`` and any
+fsspec URL). :func:`blob_store_for` picks one from what a run recorded.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import xxhash
 
@@ -85,6 +87,41 @@ class BlobInfo:
     codec: str
 
 
+class BlobLocation(NamedTuple):
+    """The parts of a location laid out by :meth:`BlobStore.checkpoint_dir`."""
+
+    checkpoint_id: str
+    epoch: int
+    name: str
+
+
+_LOCATION = re.compile(r"^blobs/(?P<cid>[^/]+)/e(?P<epoch>\d+)/(?P<name>.+)$")
+
+
+def parse_location(location: str) -> BlobLocation | None:
+    """``blobs/<checkpoint>/e<epoch>/<name>`` split into its parts; ``None`` for any other location."""
+    match = _LOCATION.match(location)
+    if match is None:
+        return None
+    return BlobLocation(match["cid"], int(match["epoch"]), match["name"])
+
+
+#: ``progress(bytes_done)`` while a blob is hashed: called after each chunk with the running total.
+HashProgress = Callable[[int], None]
+
+
+def hash_stream(stream: BinaryIO, algo: str = HASH_ALGO, progress: HashProgress | None = None,
+                chunk_bytes: int = _HASH_CHUNK) -> tuple[str, int]:
+    """Hash a readable stream to its end in chunks: ``(algo:hex, bytes read)``."""
+    hasher, size = new_hasher(algo), 0
+    while chunk := stream.read(chunk_bytes):
+        hasher.update(chunk)
+        size += len(chunk)
+        if progress is not None:
+            progress(size)
+    return format_hash(hasher, algo), size
+
+
 def check_component(value: str, what: str) -> str:
     """Reject ids that could escape the blob root or collide (``..``, slashes, empty)."""
     if not _SAFE_ID.fullmatch(value):  # fullmatch: "$" alone lets a trailing newline through
@@ -142,6 +179,9 @@ class BlobStore(ABC):
     are built on those (override them where the backend can do better). Locations are
     relative ``/``-separated strings such as ``blobs/<checkpoint>/e<epoch>/<file>``.
     """
+
+    #: What ``run.started.blobs`` records for this store (``None``: the run directory itself).
+    url: str | None = None
 
     @abstractmethod
     def open_atomic(self, location: str) -> BlobWriter:
@@ -205,26 +245,45 @@ class BlobStore(ABC):
                 )
         return codecs.decode(data, codec, location=location)
 
-    def hash_file(self, location: str, algo: str = HASH_ALGO) -> tuple[str, int]:
-        """The stored blob's content hash (``algo:hex``) and size in bytes."""
-        hasher, size = new_hasher(algo), 0
+    def hash_file(self, location: str, algo: str = HASH_ALGO,
+                  progress: HashProgress | None = None) -> tuple[str, int]:
+        """The stored blob's content hash (``algo:hex``) and size in bytes, streamed.
+
+        ``progress(bytes_so_far)`` is called as it goes. :class:`CorruptBlobError` when missing.
+        """
         with self.open_read(location) as fh:
-            while chunk := fh.read(_HASH_CHUNK):
-                hasher.update(chunk)
-                size += len(chunk)
-        return format_hash(hasher, algo), size
+            return hash_stream(fh, algo, progress)
+
+    def unfinished_uploads(self) -> list[str]:
+        """Locations with an upload begun and never completed (multipart uploads of a killed
+        writer): invisible as blobs, but holding storage until aborted. Default: none."""
+        return []
+
+    def abort_uploads(self, location: str) -> None:
+        """Abort every unfinished upload to ``location`` (no error if there is none)."""
+
+    def describe(self) -> str:
+        """Where the blobs are, for messages (never any credential)."""
+        return self.url or "the run directory"
 
     def checkpoint_dir(self, checkpoint_id: str, epoch: int) -> str:
         """The location prefix where attempt ``epoch`` writes checkpoint ``checkpoint_id``."""
         return f"blobs/{check_component(checkpoint_id, 'checkpoint id')}/e{int(epoch)}"
 
-    def verify(self, location: str, expected_hash: str, expected_bytes: int | None = None) -> None:
-        """Raise :class:`CorruptBlobError` unless the stored blob has this hash (and size)."""
-        if not self.exists(location):
+    def verify(self, location: str, expected_hash: str, expected_bytes: int | None = None,
+               progress: HashProgress | None = None) -> None:
+        """Raise :class:`CorruptBlobError` unless the stored blob has this hash (and size).
+
+        The one hash check of stored blobs: load, export, commit-time checks and
+        ``audit --verify-blobs`` all go through it. ``progress(bytes_so_far)`` as it hashes.
+        """
+        algo = _algo_to_verify(location, expected_hash)
+        try:
+            found, size = self.hash_file(location, algo, progress)
+        except CorruptBlobError:  # nothing stored there
             raise CorruptBlobError(
                 f"shard {location} is missing", location=location, expected_hash=expected_hash, found_hash=None
-            )
-        found, size = self.hash_file(location, _algo_to_verify(location, expected_hash))
+            ) from None
         if expected_bytes is not None and size != expected_bytes:
             raise CorruptBlobError(
                 f"shard {location} has {size} bytes, the ledger recorded {expected_bytes}",
@@ -273,7 +332,8 @@ class LocalBlobStore(BlobStore):
                 f"shard {location} is missing", location=location, expected_hash=None, found_hash=None
             ) from None
 
-    def hash_file(self, location: str, algo: str = HASH_ALGO) -> tuple[str, int]:
+    def hash_file(self, location: str, algo: str = HASH_ALGO,
+                  progress: HashProgress | None = None) -> tuple[str, int]:
         hasher, size = new_hasher(algo), 0
         buffer = bytearray(_HASH_CHUNK)
         view = memoryview(buffer)
@@ -281,6 +341,8 @@ class LocalBlobStore(BlobStore):
             while count := fh.readinto(buffer):
                 hasher.update(view[:count])  # xxhash releases the GIL while hashing
                 size += count
+                if progress is not None:
+                    progress(size)
         return format_hash(hasher, algo), size
 
     def exists(self, location: str) -> bool:
@@ -404,3 +466,28 @@ def _finish_short_writev(fd: int, batch: list[memoryview], written: int) -> None
             continue
         _write_all(fd, view[written:])
         written = 0
+
+
+def blob_store_for(url_or_path: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str]) -> BlobStore:
+    """The blob store a run uses: the run directory itself (``None``), a local directory, or any
+    fsspec URL such as ``s3://bucket/prefix`` (needs ``ckpt-ledger[s3]``).
+
+    Credentials are never part of the URL: one that embeds them is refused (``ValueError``);
+    endpoint and keys come from the standard places (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, fsspec's config).
+    """
+    if url_or_path is None or str(url_or_path) == "":
+        return LocalBlobStore(run_dir)
+    text = os.fspath(url_or_path)
+    if "://" not in text:
+        store = LocalBlobStore(Path(text).expanduser())
+        store.url = text
+        return store
+    from ledger.blobs_remote import FsspecBlobStore, check_blob_url  # fsspec is an optional extra
+
+    url = check_blob_url(text)
+    if url.startswith("file://"):
+        store = LocalBlobStore(Path(url[len("file://"):]))
+        store.url = url
+        return store
+    return FsspecBlobStore(url)

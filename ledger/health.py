@@ -9,8 +9,11 @@ after an abort). ``audit`` turns them into findings; nothing here writes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
 from ledger.projection import State, encode_state
 from ledger.store import StoreHealth
+from ledger.view import View
 
 #: Anomaly kinds of the store (the fold's protocol violations have kind ``protocol``).
 INTEGRITY = "integrity"
@@ -85,3 +88,30 @@ def snapshot_anomaly(projected: State, replayed: State) -> list[Anomaly]:
         return []
     return [Anomaly(projected.seq, SNAPSHOT_MISMATCH,
                     "the stored projection snapshot disagrees with a full replay of the log")]
+
+
+def view_facts(view: View) -> dict[str, Any]:
+    """What a view answers, as comparable plain data (read model vs replay)."""
+    best = view.best
+    return {
+        "seq": view.seq,
+        "run": view.run,
+        "resume": view.resume,
+        "latest": view.latest,
+        "best": None if best is None else (best.checkpoint, best.metric, best.value),
+        "last_step": view.last_step,
+        "goodput": view.goodput,
+        "checkpoints": view.checkpoints,
+        "attempts": view.attempts,
+    }
+
+
+def read_model_anomalies(view: View, replayed: View) -> list[Anomaly]:
+    """Where a view (possibly answered by the read model) disagrees with a view of a full replay."""
+    ours, truth = view_facts(view), view_facts(replayed)
+    wrong = [name for name in truth if ours[name] != truth[name]]
+    if not wrong:
+        return []
+    return [Anomaly(view.seq, READ_MODEL_MISMATCH,
+                    f"the read model disagrees with a full replay of the log on {', '.join(wrong)}; "
+                    "a writer open rebuilds it only when it is missing or behind")]

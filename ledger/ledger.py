@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from ledger import retention
-from ledger.blobs import LocalBlobStore
+from ledger.blobs import BlobStore, blob_store_for
 from ledger.decisions import BestRule
 from ledger.errors import CorruptBlobError, DuplicateCheckpointError, IncompleteCheckpointError, LedgerError
 from ledger.events import (
@@ -24,8 +24,16 @@ from ledger.events import (
     ShardWritten,
 )
 from ledger.faults import crash_point
-from ledger.health import LedgerHealth, protocol_anomalies, snapshot_anomaly, store_anomalies
-from ledger.projection import PROJECTION_VERSION, AttemptState, State, decode_state, encode_state, fold_chunks
+from ledger.health import (
+    LedgerHealth,
+    protocol_anomalies,
+    read_model_anomalies,
+    snapshot_anomaly,
+    store_anomalies,
+)
+from ledger.projection import PROJECTION_VERSION, AttemptState, State, encode_state, fold_chunks
+from ledger.read_model import READ_MODEL_VERSION, ReadModelFolder, load_state, open_view
+from ledger.run_address import PostgresRun, parse_run_address
 from ledger.store import (
     OPERATOR_EPOCH,
     LedgerStore,
@@ -65,24 +73,57 @@ class Attempt:
 class Ledger:
     """One run's ledger. Open with :meth:`open`; writers and read-only readers share this API."""
 
-    def __init__(self, run_dir: Path, store: LedgerStore, read_only: bool) -> None:
+    def __init__(self, run_dir: Path | PostgresRun, store: LedgerStore, read_only: bool,
+                 blobs: BlobStore | None = None) -> None:
         self.run_dir = run_dir
         self.read_only = read_only
         self._store = store
-        self.blobs = LocalBlobStore(run_dir)
-        self._cache: tuple[int, bytes] | None = None  # (seq, encoded state) of the newest projection
+        # Where the shards are: found from run.started.blobs on first use (see ``blobs``).
+        self._blobs = blobs
+        # Writers fold every append into the read model inside its transaction (ledger/read_model.py).
+        self._folder = None if read_only else ReadModelFolder()
         self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)
+        self._closed = False
+        self._reader_after_close: LedgerStore | None = None
+        if self._folder is not None:
+            self._rebuild_read_model_if_stale()
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike[str], *, read_only: bool = False) -> "Ledger":
-        """Open ``RUN_DIR/ledger.db``. Writers create it if missing; read-only never creates or changes a file."""
-        run_dir = Path(run_dir)
-        return cls(run_dir, open_store(run_dir, read_only=read_only), read_only)
+    def open(cls, run_dir: str | os.PathLike[str] | PostgresRun, *, read_only: bool = False,
+             blobs: BlobStore | None = None) -> "Ledger":
+        """Open ``RUN_DIR/ledger.db``, or a run in a PostgreSQL database (``postgresql://…/DB?run=NAME``).
+
+        Writers create the ledger (a PostgreSQL schema and run row) if missing; read-only
+        never creates or changes anything. ``blobs``: where the shards are; by default the
+        store ``run.started`` recorded (the run directory when it recorded none).
+        """
+        address = parse_run_address(run_dir)
+        return cls(address, open_store(address, read_only=read_only), read_only, blobs)
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The run's blob store, found from ``run.started.blobs`` on first use (so a command that
+        never touches a blob never connects to a remote store)."""
+        if self._blobs is None:
+            started = self.events(tags=["run.started"])
+            url = started[0].event.blobs if started else None  # type: ignore[attr-defined]
+            if url is None and not isinstance(self.run_dir, Path):
+                raise LedgerError(f"run {self.run_dir} is in a database and recorded no blob store; start it with "
+                                  "--blobs DIR|URL (a PostgreSQL run has no directory to keep shards in)")
+            if not started:
+                return blob_store_for(None, self.run_dir)  # not cached: start_run may still record one
+            self._blobs = blob_store_for(url, self.run_dir)
+        return self._blobs
 
     @property
     def path(self) -> Path:
-        """The ledger database file."""
+        """The ledger database file (for a PostgreSQL run, its URL as a path: use :attr:`location`)."""
         return Path(self._store.location)
+
+    @property
+    def location(self) -> str:
+        """Where the ledger lives, for messages: the file path or the run's URL (never a password)."""
+        return self._store.location
 
     @property
     def store(self) -> LedgerStore:
@@ -97,9 +138,18 @@ class Ledger:
             except LedgerError:
                 pass  # a snapshot is only a cache: failing to store one must not make close() fail
         self._store.close()
+        self._closed = True
 
     def _read(self, fn: Any) -> Any:
         return read_consistent(self._store, fn)
+
+    def _read_for_view(self, fn: Any) -> Any:
+        """Reads of a view's lazily loaded parts: a view stays readable after its writer closed the ledger."""
+        if not self._closed or self.read_only:
+            return self._read(fn)
+        if self._reader_after_close is None:
+            self._reader_after_close = open_store(self.run_dir, read_only=True)
+        return read_consistent(self._reader_after_close, fn)
 
     def _snapshot_if_behind(self, threshold: int) -> None:
         def behind(reader: StoreReader) -> int:
@@ -107,10 +157,32 @@ class Ledger:
             return newest - reader.snapshot_seq(at_most=newest, projection_version=PROJECTION_VERSION)
 
         if self._read(behind) >= threshold:
-            self.projection()  # folds from the in-memory cache and refreshes it
-            seq, state = self._cache  # type: ignore[misc]
-            self._writer().save_snapshot(Snapshot(seq=seq, projection_version=PROJECTION_VERSION, state=state))
-            self._snapshot_seq = seq
+            self._save_snapshot()
+
+    def _save_snapshot(self) -> None:
+        folder = self._folder
+        assert folder is not None
+        state = folder.state if folder.state is not None else self._read(lambda r: load_state(r, r.max_seq()))
+        self._writer().save_snapshot(Snapshot(seq=state.seq, projection_version=PROJECTION_VERSION,
+                                              state=encode_state(state)))
+        self._snapshot_seq = state.seq
+
+    def _snapshot_if_far(self) -> None:
+        """After an append: snapshot once :data:`SNAPSHOT_EVERY` events have come since the last one."""
+        folder = self._folder
+        if folder is None or folder.state is None:
+            return
+        if self._snapshot_seq is None:
+            self._snapshot_seq = self._read(
+                lambda r: r.snapshot_seq(at_most=r.max_seq(), projection_version=PROJECTION_VERSION))
+        if folder.state.seq - self._snapshot_seq >= SNAPSHOT_EVERY:
+            self._save_snapshot()
+
+    def _rebuild_read_model_if_stale(self) -> None:
+        """A writer's open: bring a missing, older or lagging read model up to the log (readers never write it)."""
+        current = self._read(lambda r: r.read_model_seq(version=READ_MODEL_VERSION) == r.max_seq())
+        if not current:
+            self._store.append([], epoch=OPERATOR_EPOCH, maintainer=self._folder)
 
     def __enter__(self) -> "Ledger":
         return self
@@ -122,7 +194,7 @@ class Ledger:
 
     def _writer(self) -> LedgerStore:
         if self.read_only:
-            raise LedgerError(f"{self.path} was opened read-only; open it with read_only=False to append")
+            raise LedgerError(f"{self.location} was opened read-only; open it with read_only=False to append")
         return self._store
 
     def append(self, event: Event, *, epoch: int | None = None, event_id: str | None = None) -> int:
@@ -139,11 +211,20 @@ class Ledger:
         """Append several events in one transaction (all or none)."""
         if not events:
             return []
-        return self._writer().append(events, epoch=OPERATOR_EPOCH if epoch is None else epoch, event_ids=event_ids)
+        seqs = self._writer().append(events, epoch=OPERATOR_EPOCH if epoch is None else epoch, event_ids=event_ids,
+                                     maintainer=self._folder)
+        self._snapshot_if_far()
+        return seqs
 
-    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None) -> RunStarted:
-        """Record the run's identity once; later calls return the stored ``run.started``."""
-        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id),
+    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None,
+                  blobs: str | None = None) -> RunStarted:
+        """Record the run's identity once; later calls return the stored ``run.started``.
+
+        ``blobs``: the blob store URL or directory (never with credentials; ``None``: the run directory).
+        """
+        if blobs is not None:
+            blob_store_for(blobs, self.run_dir)  # refuses a URL with credentials before it is recorded
+        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id, blobs=blobs),
                     event_id="run.started")
         (stored,) = self._read(lambda reader: list(reader.events(tags=["run.started"], limit=1)))
         return stored.event  # type: ignore[return-value]
@@ -169,7 +250,7 @@ class Ledger:
                 topology=dict(topology or {}), resumed_from=resumed_from, previous_topology=previous_topology,
             )
 
-        epoch, seq = self._writer().begin_epoch(make)
+        epoch, seq = self._writer().begin_epoch(make, maintainer=self._folder)
         return Attempt(epoch=epoch, seq=seq, event=make(epoch))
 
     # -- two-phase checkpoint protocol -------------------------------------------------------
@@ -196,7 +277,7 @@ class Ledger:
 
         # The epoch in the event id makes a retry by the same attempt a no-op.
         return self._writer().append_checked(make_started, checkpoint_id=checkpoint_id, epoch=epoch,
-                                             event_id=f"{checkpoint_id}:started:e{epoch}")
+                                             event_id=f"{checkpoint_id}:started:e{epoch}", maintainer=self._folder)
 
     def record_shards(self, checkpoint_id: str, shards: Sequence[ShardWritten], *, epoch: int) -> list[int]:
         """Record durably written shard files (one ``shard.written`` each, in one transaction)."""
@@ -214,6 +295,8 @@ class Ledger:
         The check runs inside the commit's own transaction, so nothing (an abort, a
         newer attempt) can slip in between the check and the commit.
         """
+        blobs = self.blobs if verify else None  # resolved outside the transaction: it may read the log
+
         def make_commit(about: Sequence[StoredEvent]) -> CheckpointCommitted:
             started, started_epoch, shards, ended = None, None, {}, None
             for stored in about:
@@ -238,14 +321,14 @@ class Ledger:
                 raise IncompleteCheckpointError(
                     f"cannot commit {checkpoint_id}: no shard recorded for rank(s) {missing}; abort it instead"
                 )
-            if verify:
+            if blobs is not None:
                 for shard in shards.values():
-                    self.blobs.verify(shard.location, shard.hash, shard.bytes)
+                    blobs.verify(shard.location, shard.hash, shard.bytes)
             return CheckpointCommitted(checkpoint_id=checkpoint_id, step=started.step)
 
         crash_point("ledger.before_commit")
         seq = self._writer().append_checked(make_commit, checkpoint_id=checkpoint_id, epoch=epoch,
-                                            event_id=f"{checkpoint_id}:committed")
+                                            event_id=f"{checkpoint_id}:committed", maintainer=self._folder)
         crash_point("ledger.after_commit")
         return seq
 
@@ -323,39 +406,22 @@ class Ledger:
         return self._read(lambda r: r.max_seq())
 
     def projection(self, at: int | None = None, *, best_rule: BestRule | None = None) -> View:
-        """The run as of sequence ``at`` (default: now): snapshot + tail, folded."""
+        """The run as of sequence ``at`` (default: now).
+
+        Now: answered from the read model (indexed reads) when it covers the whole log;
+        otherwise, and in the past, the newest snapshot at or before ``at`` plus the tail, folded.
+        """
         if at is not None and at < 0:
             raise ValueError(f"sequence number must be >= 0, got {at}")
-        state, seq, folded, snapshot_seq = self._read(lambda r: self._fold_to(r, at))
-        if at is None and not self.read_only:
-            # Cache the encoded state (bytes, immutable) so the next call folds only the tail.
-            if folded or self._cache is None or self._cache[0] != seq:
-                self._cache = (seq, encode_state(state))
-            # Snapshot by distance from the last one, not by this call's tail: a trainer
-            # projects after every commit, folding a few events at a time.
-            if self._snapshot_seq is None:
-                self._snapshot_seq = snapshot_seq
-            if seq - self._snapshot_seq >= SNAPSHOT_EVERY:
-                self._store.save_snapshot(Snapshot(seq=seq, projection_version=PROJECTION_VERSION, state=self._cache[1]))
-                self._snapshot_seq = seq
-        return View(state, best_rule)
 
-    def _fold_to(self, reader: StoreReader, at: int | None) -> tuple[State, int, int, int]:
-        """Fold up to ``at``: returns (state, its seq, events folded, seq of the newest stored snapshot)."""
-        newest = reader.max_seq()
-        target = newest if at is None else min(at, newest)
-        start_seq, start = 0, None
-        if self._cache is not None and self._cache[0] <= target:
-            start_seq, start = self._cache
-        snapshot_seq = reader.snapshot_seq(at_most=target, projection_version=PROJECTION_VERSION)
-        if snapshot_seq > start_seq:  # read the (possibly large) snapshot only when it is the better start
-            snap = reader.snapshot(at_most=target, projection_version=PROJECTION_VERSION)
-            if snap is not None:
-                start_seq, start = snap.seq, snap.state
-        state = decode_state(start) if start is not None else State()
-        state = fold_chunks(reader.chunks(after=start_seq, until=target), state)
-        state.seq = target
-        return state, target, target - start_seq, snapshot_seq
+        def read(reader: StoreReader) -> View:
+            view = open_view(reader, at, best_rule, self._read_for_view)
+            if view is not None:
+                return view
+            newest = reader.max_seq()
+            return View(load_state(reader, newest if at is None else min(at, newest)), best_rule)
+
+        return self._read(read)
 
     def full_replay(self, at: int | None = None) -> State:
         """Fold the whole log from seq 1, ignoring snapshots and caches (for checks and tests)."""
@@ -367,11 +433,12 @@ class Ledger:
         store = self._read(lambda reader: reader.health(thorough=thorough))
         view = self.projection()
         state = view.state
-        anomalies = store_anomalies(store, str(self.path))
+        anomalies = store_anomalies(store, self.location)
+        replayed = self.full_replay(at=state.seq)
+        replayed.seq = state.seq
         has_snapshots = self._read(lambda r: r.snapshot_count(projection_version=PROJECTION_VERSION))
         if has_snapshots and state.seq:
-            replayed = self.full_replay(at=state.seq)
-            replayed.seq = state.seq
             anomalies += snapshot_anomaly(state, replayed)
+        anomalies += read_model_anomalies(view, View(replayed, view.best_rule))
         anomalies += protocol_anomalies(state)
         return LedgerHealth(seq=view.seq, store=store, anomalies=anomalies)

@@ -77,3 +77,66 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN0
     out = os.environ.get("CKPT_LEDGER_CRASH_REPORT")
     if out:
         Path(out).write_text("".join(f"{k}\t{v}\n" for k, v in sorted(_CRASHES.items())) + f"total\t{total}\n")
+
+
+# -- a real S3-compatible server (SeaweedFS) for the object-storage tests -------------------
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS ``weed server -s3`` on loopback for the session (tests use fresh buckets)."""
+    from s3_server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 endpoint and credentials in the standard environment variables; ``s3://BUCKET`` URL prefix."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{s3_server.new_bucket()}"
+
+# -- a real PostgreSQL server (tests/pg_server.py) -------------------------------------------
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL server for the session; skipped only outside CI when it is not installed."""
+    from pg_server import PostgresServer, PostgresUnavailable
+
+    try:
+        import psycopg  # noqa: F401 - the `postgres` extra
+        server = PostgresServer()
+    except (ImportError, PostgresUnavailable) as exc:
+        if os.environ.get("CI"):
+            raise  # CI installs both (.ci/run, `make test`): a missing one is a broken setup, not a skip
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def pg_database(pg_server) -> str:
+    """The URL (no run) of a fresh, empty database on the session's server (~1 s: prefer ``pg_run_url``)."""
+    return pg_server.create_database(f"t{os.getpid()}_{next(_databases)}")
+
+
+@pytest.fixture(scope="session")
+def pg_shared_database(pg_server) -> str:
+    """The URL of one ledger database shared by the session's tests (each uses runs of its own)."""
+    return pg_server.create_database(f"shared{os.getpid()}")
+
+
+@pytest.fixture
+def pg_run_url(pg_shared_database) -> str:
+    """``postgresql://…/DB?run=NAME`` of a run no other test uses, in the session's shared database."""
+    return f"{pg_shared_database}?run=t{next(_databases)}"

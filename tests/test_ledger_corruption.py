@@ -95,11 +95,15 @@ def test_damaged_ledger_is_refused_unchanged(tmp_path, damage, error, words):
     make_run(run_dir)
     damage(run_dir / "ledger.db")
     before = fingerprint(run_dir)
+    # Cached answers (the read model, snapshots) do not re-read the events they cover; everything
+    # that reads the events themselves (a replay, the full state, inspect, audit) refuses the damage.
     with pytest.raises(error, match=words):
-        Ledger.open(run_dir, read_only=True).projection()
+        Ledger.open(run_dir, read_only=True).projection().state
+    with pytest.raises(error, match=words):
+        list(Ledger.open(run_dir, read_only=True).iter_events())
     with pytest.raises(error, match=words):
         with Ledger.open(run_dir) as writer:
-            writer.projection()
+            writer.full_replay()
     result = inspect(run_dir)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

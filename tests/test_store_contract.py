@@ -16,9 +16,11 @@ import pytest
 
 from ledger.errors import FencedError, LedgerError, LedgerNotFoundError
 from ledger.events import AttemptStarted, CheckpointCommitted, CheckpointStarted, ShardWritten, StepCompleted
+from ledger.run_address import parse_run_address
 from ledger.store import (
     OPERATOR_EPOCH,
     CheckpointRow,
+    EventChunk,
     LedgerStore,
     ReadModelRows,
     Snapshot,
@@ -51,9 +53,32 @@ class SqliteBackend:
             store.close()
 
 
-@pytest.fixture(params=["sqlite"])
+@dataclass
+class PostgresBackend:
+    """A run of its own in a ledger database shared with other runs, on a real PostgreSQL server."""
+
+    run_url: str
+    opened: list[LedgerStore] = field(default_factory=list)
+
+    def open(self, *, read_only: bool = False) -> LedgerStore:
+        store = open_store(parse_run_address(self.run_url), read_only=read_only)
+        self.opened.append(store)
+        return store
+
+    def open_missing(self) -> LedgerStore:
+        return open_store(parse_run_address(f"{self.run_url}-nowhere"), read_only=True)
+
+    def close(self) -> None:
+        for store in self.opened:
+            store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
 def store_backend(request, tmp_path):
-    backend = SqliteBackend(tmp_path / "run")
+    if request.param == "postgres":
+        backend = PostgresBackend(request.getfixturevalue("pg_run_url"))
+    else:
+        backend = SqliteBackend(tmp_path / "run")
     yield backend
     backend.close()
 
@@ -271,11 +296,13 @@ class RecordingMaintainer:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.advanced: list[int] = []
+        self.appended: list[list[tuple[int, object]]] = []
         self.discarded = 0
 
-    def advance(self, reader: StoreReader) -> ReadModelRows:
+    def advance(self, reader: StoreReader, appended: EventChunk | None = None) -> ReadModelRows:
         seq = reader.max_seq()
         self.advanced.append(seq)
+        self.appended.append([] if appended is None else list(zip(appended.seqs, appended.events)))
         if self.fail:
             raise RuntimeError("maintainer failed")
         tags = [s.tag for s in reader.events(after=seq - 1)]
@@ -294,6 +321,9 @@ def test_read_model_rows_commit_with_the_append(store_backend):
     store.append([StepCompleted(step=1)], epoch=epoch, maintainer=maintainer)
     store.append_checked(lambda about: started("c"), checkpoint_id="c", epoch=epoch, event_id="c", maintainer=maintainer)
     assert maintainer.advanced == [1, 2, 3]  # called inside each transaction, after the insert
+    # ``appended`` (optional for a backend) holds exactly what the transaction inserted, as stored.
+    stored = [(s.seq, s.event) for s in all_events(store)]
+    assert all(got in ([], [stored[i]]) for i, got in enumerate(maintainer.appended))
     other = store_backend.open(read_only=True)
     assert read(other, lambda r: (r.read_model_seq(version=RM_VERSION), r.read_model_fact("last_tag"),
                                   r.read_model_checkpoint("c"), r.read_model_attempts())) == \

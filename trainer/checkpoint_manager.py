@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import torch.distributed as dist
 
 from ledger import LedgerError, RetentionPolicy, View
+from ledger.blobs import blob_store_for
 from ledger.time_retention import parse_duration
 from trainer.checkpoint_state import (  # noqa: F401 - unmappable_checkpoint_message is re-exported
     DCPStateDicts,
@@ -182,12 +183,28 @@ class CheckpointManager:
         self.preemption = preemption or PreemptionWatch().install()
 
     @staticmethod
-    def _blob_location(run_dir: str, blobs: str | None) -> str:
-        """Where shard blobs go. Seam for object stores: today only the run directory itself."""
+    def _blob_location(run_dir: str, blobs: str | None) -> str | None:
+        """Where shard blobs go: ``None`` (the run directory), a local directory (made absolute, so
+        read commands find it from anywhere) or an fsspec URL without credentials."""
         if blobs is None or str(blobs) == run_dir:
-            return run_dir
-        raise BadInputError(f"blobs={blobs!r}: only the run directory is supported as the blob store in this "
-                            "build; omit blobs=")
+            return None
+        text = os.fspath(blobs)
+        if "://" not in text:
+            return os.path.abspath(text)
+        from ledger.blobs_remote import check_blob_url
+
+        try:
+            return check_blob_url(text)
+        except ValueError as err:
+            raise BadInputError(str(err)) from None
+
+    def _recorded_blobs(self) -> tuple[str | None, str | None]:
+        """Rank 0: ``(blob URL run.started recorded, error)`` — asking for another place than the recorded one is an error."""
+        recorded = self.journal.blobs.url  # type: ignore[union-attr]
+        if self.blobs is not None and self.blobs.rstrip("/") != (recorded or "").rstrip("/"):
+            return recorded, (f"this run keeps its checkpoints in {recorded or 'the run directory'} (recorded in "
+                              f"run.started), not {self.blobs}; drop blobs=/--blobs to use the recorded place")
+        return recorded, None
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -210,19 +227,26 @@ class CheckpointManager:
         self.stack, self.topology = stack, topology
 
         view: View | None = None
+        where: tuple[str | None, str | None] | None = None
         failure: LedgerError | None = None
         if self.ctx.is_coordinator:  # rank 0 alone opens the ledger and records the run once
             try:
                 view = self._open_journal()
+                where = self._recorded_blobs()
             except LedgerError as err:
                 failure = err
-        # Every rank learns whether rank 0 could read the ledger, rather than waiting in the next collective.
-        problem = broadcast_object(None if failure is None else str(failure).splitlines()[0])
+        # Every rank learns whether rank 0 could read the ledger (rather than waiting in the next
+        # collective) and which blob store the run uses: each rank writes its own shards there.
+        problem, (blobs_url, error) = broadcast_object(
+            (None if failure is None else str(failure).splitlines()[0], where or (None, None)))
         if failure is not None:
             raise failure
         if problem is not None:
             raise StartRefusedError(f"rank 0 could not open the run's ledger: {problem}")
-        self.checkpointer = Checkpointer(self.ctx, self.blobs, self.journal, stack=stack, topology=topology,
+        if error is not None:
+            raise BadInputError(error)
+        store = self.journal.blobs if self.journal is not None else blob_store_for(blobs_url, self.run_dir)
+        self.checkpointer = Checkpointer(self.ctx, store, self.journal, stack=stack, topology=topology,
                                          retention=self.retention, background=self.async_save, codec=self.codec)
         self._timings = self.checkpointer.timings
         plan = choose_start(self.checkpointer, view, resume=honoured_resume(self.resume), pretrained=self.pretrained)
@@ -244,7 +268,7 @@ class CheckpointManager:
         """Rank 0: open the ledger, record ``run.started`` (once per run); the projection now."""
         self.journal = RunJournal(self.run_dir)
         recorded = {**self.config, **self._policy_config()}
-        _, same = self.journal.start_run(recorded, config_hash(recorded), code_id())
+        _, same = self.journal.start_run(recorded, config_hash(recorded), code_id(), blobs=self.blobs)
         if not same:
             self._say("note: this config differs from the one the run started with (see run.started)")
         return self.journal.projection()
@@ -507,6 +531,13 @@ class CheckpointManager:
             self.exit_code, self.status = EXIT_PREEMPTED, "preempted"
             self.message = f"preempted by {name}; state saved at step {saved.step if saved else self._restored_step}"
             self._say(f"preempted by {name}: exiting {EXIT_PREEMPTED} (requeue me)")
+        elif self._last_save is not None and self._last_save.step == last_step \
+                and self._last_save.status == "aborted":
+            # The last step's checkpoint failed: "completed" would promise a checkpoint there is not.
+            self.message = f"the checkpoint at the last step {last_step} failed: {self._last_save.reason}"
+            self.exit_code, self.status = EXIT_PROBLEM, "failed"
+            if self.journal is not None:
+                self.journal.end_attempt("failed", last_step)
         else:
             self.status = "completed"
             if self.journal is not None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ledger.run_address import parse_run_address
+
 #: Config fields that say *how* this process runs, not *what* experiment it is. They are
 #: left out of the canonical config (and so of the config hash) recorded in ``run.started``.
 OPERATIONAL_FIELDS = frozenset({"run_dir", "resume", "print_every", "dist_timeout_s", "async_checkpoint",
-                                "checkpoint_codec"})
+                                "checkpoint_codec", "blobs"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -16,7 +18,8 @@ class TrainerConfig:
     """Configuration of one training run (one run directory, any number of attempts)."""
 
     run_dir: str
-    """Run directory: holds ``ledger.db`` and the shard blobs. Created if missing."""
+    """Run directory: holds ``ledger.db`` and the shard blobs. Created if missing. Or a run in a PostgreSQL
+    database, ``postgresql://USER@HOST:PORT/DB?run=NAME`` (password only via PGPASSWORD/~/.pgpass/PGSERVICE)."""
 
     stack: str = "ddp"
     """Parallelism stack, a name in :func:`trainer.stacks.available_stacks` (``ddp``, ``fsdp``)."""
@@ -56,6 +59,12 @@ class TrainerConfig:
     checkpoint_codec: str = "none"
     """How checkpoint files store each item: ``none``, ``zstd`` or ``zstd-bg`` (byte-grouped zstd,
     smaller for float weights, slower to write). Any attempt reads checkpoints of every codec."""
+
+    blobs: str | None = None
+    """Where shard blobs go: ``None`` for the run directory, a local directory, or an fsspec URL such
+    as ``s3://bucket/prefix`` (``ckpt-ledger[s3]``). Endpoint and credentials come from the
+    environment/config (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``~/.aws``), never the URL.
+    Recorded in ``run.started``; a resumed run uses the recorded place (giving another is an error)."""
 
     ckpt_every_seconds: float | None = None
     """Also commit a checkpoint once this many wall-clock seconds passed since the last one (decided on
@@ -115,6 +124,7 @@ class TrainerConfig:
 
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ValueError("run_dir must be a non-empty path")
+        parse_run_address(self.run_dir)  # a postgresql:// run must be well-formed and carry no password
         if self.stack in PLANNED_STACKS:
             raise ValueError(f"stack {self.stack!r} is not implemented yet: {PLANNED_STACKS[self.stack]}")
         if self.stack not in available_stacks():
@@ -145,6 +155,13 @@ class TrainerConfig:
         if self.checkpoint_codec not in CHECKPOINT_CODECS:
             raise ValueError(f"checkpoint_codec must be one of {', '.join(CHECKPOINT_CODECS)}, "
                              f"got {self.checkpoint_codec!r}")
+        if self.blobs is not None:
+            if not isinstance(self.blobs, str) or not self.blobs:
+                raise ValueError("blobs must be a directory or a URL such as s3://bucket/prefix")
+            if "://" in self.blobs:
+                from ledger.blobs_remote import check_blob_url
+
+                check_blob_url(self.blobs)
         if self.best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if not self.best_metric:

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ledger import Attempt, FencedError, Ledger, RetentionPolicy, View
+from ledger import Attempt, BlobStore, FencedError, Ledger, RetentionPolicy, View
 from ledger.events import (
     AttemptEnded,
     MetricRecorded,
@@ -65,11 +65,17 @@ class RunJournal:
 
     # -- the run and the attempt -----------------------------------------------------------
 
-    def start_run(self, config: dict[str, Any], config_hash: str, code_id: str | None) -> tuple[str, bool]:
+    def start_run(self, config: dict[str, Any], config_hash: str, code_id: str | None,
+                  blobs: str | None = None) -> tuple[str, bool]:
         """Record the run's identity (once); returns ``(run_id, same_config)``."""
         started = self.ledger.start_run(run_id=uuid.uuid4().hex[:12], config=config, config_hash=config_hash,
-                                        code_id=code_id)
+                                        code_id=code_id, blobs=blobs)
         return started.run_id, started.config_hash == config_hash
+
+    @property
+    def blobs(self) -> "BlobStore":
+        """The run's blob store, as ``run.started`` recorded it."""
+        return self.ledger.blobs
 
     def projection(self) -> View:
         """The run as the ledger sees it now."""

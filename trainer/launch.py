@@ -1,12 +1,17 @@
 """One entry point for every way a run is started: ``ckpt-ledger train``, ``torchrun -m trainer``, ``srun``.
 
-* Inside an external launcher (torchrun set ``RANK``; or one task of a multi-task
-  ``srun``), this process *is* a worker: it trains and exits with the outcome's code.
-* ``--nproc 1`` without restarts trains in this process (a 1-rank gloo group).
+:func:`plan_launch` decides, from the options and the environment alone:
+
+* Inside an external launcher (torchrun set ``RANK``; or one task per rank of a
+  multi-task ``srun`` step), this process *is* a worker: it trains and exits with the
+  outcome's code.
+* ``--nproc 1`` on one node without restarts trains in this process (a 1-rank gloo group).
 * Otherwise torch's elastic agent starts ``nproc`` local workers (``elastic_launch``),
   restarting all of them up to ``--max-restarts`` times after a worker dies; each
   restart is a new attempt that resumes from the ledger's projection, and each restart
   round rendezvouses on a store of its own (:func:`agent_launch_config` says why).
+  With ``--nnodes N`` (or one ``srun`` task per node) the agents of N nodes meet at a
+  c10d rendezvous and the job has N x nproc ranks (:mod:`trainer.rendezvous`).
 
 Preemption: the launcher catches SIGTERM/SIGUSR1 itself (the agent only handles
 SIGINT/SIGHUP/SIGQUIT, which stop everything) and forwards it to the workers, then keeps
@@ -33,12 +38,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ledger import CorruptLedgerError, LedgerError, LedgerNotFoundError, SchemaTooNewError
 from trainer.errors import EXIT_PROBLEM, EXIT_USAGE, TrainerError
 from trainer.preemption import PREEMPTION_SIGNALS, PreemptionWatch
 from trainer.process_group import apply_single_node_defaults, under_srun
+from trainer.rendezvous import NodeRendezvous, is_loopback
+from trainer.slurm import SlurmStep
 
 if TYPE_CHECKING:
     from torch.distributed.launcher.api import LaunchConfig
@@ -49,6 +56,8 @@ START_METHOD_ENV = "CKPT_LEDGER_START_METHOD"
 AGENT_STOP_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 #: torch's switch that stops the agent sharing its first-round store with every later round of workers.
 NO_SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+#: How long the agents of a multi-node job wait for every node to join (torchrun's default).
+RDZV_JOIN_TIMEOUT_S = 900
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,14 +132,69 @@ def inside_external_launcher(env: dict[str, str] | os._Environ) -> bool:
     return "RANK" in env or under_srun(env)
 
 
-def launch(config: dict[str, Any], *, nproc: int = 1, max_restarts: int = 0) -> LaunchOutcome:
+@dataclass(frozen=True, slots=True)
+class LaunchPlan:
+    """How this process takes part in the job."""
+
+    role: str
+    """``worker`` (an external launcher started it), ``single`` (trains in this process) or ``agent``."""
+    world_size: int
+    """Ranks in the whole job (every node)."""
+    nodes: NodeRendezvous | None = None
+    """Where the agents of a multi-node job meet (``None`` on one node)."""
+
+
+def plan_launch(env: Mapping[str, str], *, nproc: int = 1, max_restarts: int = 0,
+                nodes: NodeRendezvous | None = None) -> LaunchPlan:
+    """Decide how to run from the options and the environment; ``ValueError`` names a bad combination.
+
+    Under ``srun`` with several tasks: with ``--nproc 1`` and no restarts each task is one
+    rank; otherwise each task is its node's agent (one task per node, :meth:`SlurmStep.node_rendezvous`).
+    """
+    if "RANK" in env:
+        if nodes is not None:
+            raise ValueError("--nnodes/--rdzv-endpoint: this process was already started as a worker by "
+                             "torchrun (RANK is set); give the multi-node options to torchrun, not to the trainer")
+        return LaunchPlan("worker", int(env.get("WORLD_SIZE", "1")))
+    step = SlurmStep.from_env(env) if under_srun(env) else None
+    if step is not None and nodes is None:
+        if nproc == 1 and max_restarts == 0:
+            return LaunchPlan("worker", step.ntasks)
+        nodes = step.node_rendezvous(env)
+    if nodes is not None:
+        return LaunchPlan("agent", nodes.nnodes * nproc, nodes)
+    if nproc == 1 and max_restarts == 0:
+        return LaunchPlan("single", 1)
+    return LaunchPlan("agent", nproc)
+
+
+def launch(config: dict[str, Any], *, nproc: int = 1, max_restarts: int = 0,
+           nodes: NodeRendezvous | None = None) -> LaunchOutcome:
     """Run the job: as a worker of an external launcher, in this process, or under the elastic agent."""
-    if inside_external_launcher(os.environ):
+    plan = plan_launch(os.environ, nproc=nproc, max_restarts=max_restarts, nodes=nodes)
+    if plan.role == "worker":
+        warning = shared_store_restart_warning(os.environ)
+        if warning and os.environ.get("RANK") == "0":
+            print(f"ckpt-ledger: warning: {warning}", file=sys.stderr, flush=True)
         return run_worker(config)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if nproc == 1 and max_restarts == 0:
+    if plan.role == "single":
         return run_worker(config)
-    return _elastic(config, nproc=nproc, max_restarts=max_restarts)
+    return _elastic(config, nproc=nproc, max_restarts=max_restarts, nodes=plan.nodes)
+
+
+def shared_store_restart_warning(env: Mapping[str, str]) -> str | None:
+    """Why a torchrun ``--max-restarts`` job may hang at its first restart, or ``None``.
+
+    torchrun (unlike ``ckpt-ledger train``) shares its first rendezvous store with every
+    restart round unless ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` is exported; a restarted
+    round can then read the dead round's gloo addresses and wait forever (pytorch/pytorch#135712;
+    reproduced with two torchrun nodes, see docs/scale.md).
+    """
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
+        return None
+    return (f"torchrun --max-restarts shares one store across restart rounds and a restarted round can hang "
+            f"(pytorch/pytorch#135712); export {NO_SHARED_STORE_ENV}=1 before torchrun")
 
 
 def _start_method() -> str:
@@ -229,8 +293,12 @@ def _worker_pids() -> list[int]:
 _FORWARDER: SignalForwarder | None = None
 
 
-def agent_launch_config(*, nproc: int, max_restarts: int) -> LaunchConfig:
+def agent_launch_config(*, nproc: int, max_restarts: int, nodes: NodeRendezvous | None = None) -> LaunchConfig:
     """The elastic agent's configuration for ``nproc`` local workers; also sets the environment it needs.
+
+    With ``nodes``, this agent is one of ``nodes.nnodes`` that meet at ``nodes.endpoint``; node 0
+    hosts the rendezvous store there (said explicitly: the host-name guess fails when every node
+    sees the endpoint as its own, as on loopback or behind one name).
 
     Every restart round gets a store of its own. torch's c10d rendezvous otherwise shares one
     TCPStore, created by the agent at the first round, with the workers of every round, and the
@@ -242,8 +310,26 @@ def agent_launch_config(*, nproc: int, max_restarts: int) -> LaunchConfig:
     """
     from torch.distributed.launcher.api import LaunchConfig
 
-    apply_single_node_defaults(os.environ)
     os.environ[NO_SHARED_STORE_ENV] = "1"
+    if nodes is not None:
+        if is_loopback(nodes.host):
+            # gloo picks the interface of the hostname otherwise, which may not route to 127.0.0.1.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        return LaunchConfig(
+            min_nodes=nodes.nnodes,
+            max_nodes=nodes.nnodes,
+            nproc_per_node=nproc,
+            run_id=nodes.run_id,
+            rdzv_backend="c10d",
+            rdzv_endpoint=nodes.endpoint,
+            rdzv_configs={"is_host": nodes.node_rank == 0, "timeout": RDZV_JOIN_TIMEOUT_S},
+            local_addr=nodes.local_addr,
+            max_restarts=max_restarts,
+            monitor_interval=0.1,
+            start_method=_start_method(),
+            signals_to_handle=AGENT_STOP_SIGNALS,
+        )
+    apply_single_node_defaults(os.environ)
     return LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -258,12 +344,14 @@ def agent_launch_config(*, nproc: int, max_restarts: int) -> LaunchConfig:
     )
 
 
-def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int) -> LaunchOutcome:
+def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int,
+             nodes: NodeRendezvous | None = None) -> LaunchOutcome:
     global _FORWARDER
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import elastic_launch
 
-    launch_config = agent_launch_config(nproc=nproc, max_restarts=max_restarts)
+    launch_config = agent_launch_config(nproc=nproc, max_restarts=max_restarts, nodes=nodes)
     if not debug_enabled():
         # The agent logs every worker it starts and stops; the user wants the job's output.
         for name in ("torch.distributed.elastic", "torch.distributed.elastic.agent.server.api",
@@ -278,6 +366,12 @@ def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int) -> Launch
         restarts = f" after {max_restarts} restart(s)" if max_restarts else ""
         return LaunchOutcome(EXIT_PROBLEM, f"worker rank {rank} failed with {how}{restarts}; "
                                            "the next run resumes from the last committed checkpoint")
+    except RendezvousError as err:
+        # Multi-node only: a node never came, the endpoint is unreachable, or another node gave up.
+        where = f" at {nodes.endpoint} ({nodes.nnodes} nodes, this is node {nodes.node_rank})" if nodes else ""
+        return LaunchOutcome(EXIT_PROBLEM, f"rendezvous{where} failed: {type(err).__name__}: "
+                                           f"{' '.join(str(err).split())[:300]}")
     finally:
         _FORWARDER.uninstall()
-    return results[0]
+    # Keyed by global rank: this node's workers, whose outcomes agree (every rank returns the same).
+    return results[min(results)]

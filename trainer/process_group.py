@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, MutableMapping
 
 import torch
 import torch.distributed as dist
+
+from trainer.rendezvous import is_loopback
+from trainer.slurm import SlurmStep
 
 LOOPBACK = "127.0.0.1"
 
@@ -46,11 +48,6 @@ def free_port(host: str = LOOPBACK) -> int:
         return sock.getsockname()[1]
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine's loopback interface."""
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def apply_single_node_defaults(env: MutableMapping[str, str]) -> None:
     """Defaults for a single-node CPU run: loopback master, a free port, gloo bound to ``lo``.
 
@@ -66,32 +63,17 @@ def apply_single_node_defaults(env: MutableMapping[str, str]) -> None:
 
 def under_srun(env: MutableMapping[str, str]) -> bool:
     """Whether this process is one task of a multi-task SLURM step (``srun``) not already given a rank."""
-    return "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
+    if "RANK" in env:
+        return False
+    step = SlurmStep.from_env(env)  # ValueError naming the variable when SLURM's are inconsistent
+    return step is not None and step.ntasks > 1
 
 
 def map_slurm_env(env: MutableMapping[str, str]) -> None:
-    """Translate ``srun``'s task variables into the ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` torch reads."""
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in env:
-        env["MASTER_ADDR"] = _slurm_master_host(env)
-    if "MASTER_PORT" not in env:
-        # Every task must agree without talking: derive the port from the job id.
-        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-    if is_loopback(env["MASTER_ADDR"]):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-
-
-def _slurm_master_host(env: MutableMapping[str, str]) -> str:
-    if int(env.get("SLURM_NNODES", "1")) <= 1:
-        return LOOPBACK
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as err:
-        raise RuntimeError(f"cannot find the first node of {nodelist!r} ({err}); set MASTER_ADDR") from err
-    return out.stdout.split()[0]
+    """Translate ``srun``'s task variables into the ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` torch reads."""
+    step = SlurmStep.from_env(env)
+    if step is not None:
+        env.update(step.worker_env(env))
 
 
 def slurm_facts(env: MutableMapping[str, str]) -> dict[str, Any] | None:
@@ -104,6 +86,7 @@ def slurm_facts(env: MutableMapping[str, str]) -> dict[str, Any] | None:
         "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
         "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
         "nodelist": env.get("SLURM_JOB_NODELIST"),
+        "nnodes": int(env["SLURM_NNODES"]) if env.get("SLURM_NNODES", "").isdigit() else None,
     }
 
 

@@ -1,6 +1,6 @@
 """Event types of the ledger log, their schema versions, encoder, decoder and upcasters."""
 
-from ledger.events.codec import decode, decode_many, encode, schema_of
+from ledger.events.codec import decode, decode_many, encode, encode_checked, schema_of
 from ledger.events.types import (
     ATTEMPT_END_REASONS,
     EVENT_TYPES,
@@ -49,6 +49,7 @@ __all__ = [
     "decode",
     "decode_many",
     "encode",
+    "encode_checked",
     "schema_of",
     "tag_of",
 ]

@@ -29,15 +29,20 @@ def encode(event: Event) -> bytes:
     or a NaN/inf float, which JSON stores as ``null``): stored, it would make every
     later read of the log fail.
     """
+    return encode_checked(event)[0]
+
+
+def encode_checked(event: Event) -> tuple[bytes, Event]:
+    """:func:`encode`, plus the event as a reader will decode it from those bytes (the check's by-product)."""
     payload = _encoder.encode(event)
     try:
-        _decoder.decode(payload)
+        stored = _decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise ValueError(
             f"refusing to store a {event.__struct_config__.tag} event that would not read back ({exc}); "
             "check the field types (NaN/inf floats cannot be stored)"
         ) from exc
-    return payload
+    return payload, stored
 
 
 def schema_of(tag: str) -> int:

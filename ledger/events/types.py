@@ -27,6 +27,9 @@ class RunStarted(Event, tag="run.started"):
     config: dict[str, Any] = {}
     config_hash: str = ""
     code_id: str | None = None
+    blobs: str | None = None
+    """Where the shard blobs are: a directory or an fsspec URL such as ``s3://bucket/prefix``,
+    never with credentials; ``None``: the run directory."""
 
 
 class AttemptStarted(Event, tag="attempt.started"):

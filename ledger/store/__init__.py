@@ -5,6 +5,7 @@
 * :mod:`ledger.store.format` — the SQLite file: creation, format marker, damage checks.
 * :mod:`ledger.store.log` — the SQLite backend and its one ``sqlite3`` error translator.
 * :mod:`ledger.store.queries` — every SQL read.
+* :mod:`ledger.store.postgres` (+ ``postgres_schema``) — the PostgreSQL backend: many runs in one database.
 * :mod:`ledger.store.raw` — raw SQL that bypasses every rule, for fault-injection tests and benchmark floors.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ledger.errors import LedgerError
+from ledger.run_address import PostgresRun
 from ledger.store.format import APPLICATION_ID, LEDGER_FILE, LEDGER_FORMAT
 from ledger.store.interface import (
     OPERATOR_EPOCH,
@@ -29,8 +32,16 @@ from ledger.store.interface import (
 )
 
 
-def open_store(run_dir: Path, *, read_only: bool) -> LedgerStore:
-    """The store of a run directory (SQLite ``RUN_DIR/ledger.db``)."""
+def open_store(run_dir: Path | PostgresRun, *, read_only: bool) -> LedgerStore:
+    """The store of a run: SQLite ``RUN_DIR/ledger.db``, or a run in a PostgreSQL database."""
+    if isinstance(run_dir, PostgresRun):
+        try:
+            from ledger.store.postgres import PostgresStore
+        except ImportError as exc:  # psycopg is the optional `postgres` extra
+            raise LedgerError(f"{run_dir} is a PostgreSQL ledger, which needs psycopg ({exc}); "
+                              "install it with: pip install 'ckpt-ledger[postgres]'") from None
+
+        return PostgresStore(run_dir, read_only=read_only)
     from ledger.store.log import SqliteStore
 
     return SqliteStore(Path(run_dir) / LEDGER_FILE, read_only=read_only)

@@ -4,8 +4,9 @@ Layout (format :data:`LEDGER_FORMAT`, marked by ``PRAGMA application_id`` and
 ``user_version`` so a foreign or newer file is refused):
 
 * ``events``  — one row per event: ``seq`` (contiguous from 1), ``event_id`` (unique),
-  ``epoch``, ``recorded_at``, ``tag``, ``schema_version``, ``checkpoint_id`` (indexed
-  copy of the payload field, for commit checks), ``payload`` (the event as JSON).
+  ``epoch``, ``recorded_at``, ``tag``, ``schema_version``, ``checkpoint_id`` (copy of
+  the payload field, indexed where present, for commit checks), ``payload`` (the
+  event as JSON).
 * ``meta``    — ``max_epoch`` (the fencing token), ``created_at``, ``format``.
 * ``snapshots`` — materialized projections, each with the ``seq`` it covers.
 * ``rm_facts``, ``rm_checkpoints``, ``rm_attempts`` — the read model (a cache of the
@@ -35,7 +36,7 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, epoch INTEGER NOT NULL, recorded_at FLOAT,
     tag TEXT NOT NULL, schema_version INTEGER NOT NULL, checkpoint_id TEXT, payload TEXT NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS idx_events_event_id ON events (event_id);
-CREATE INDEX IF NOT EXISTS idx_events_checkpoint_id ON events (checkpoint_id);
+CREATE INDEX IF NOT EXISTS idx_events_checkpoint_id ON events (checkpoint_id) WHERE checkpoint_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS idx_events_tag ON events (tag);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS snapshots (seq INTEGER PRIMARY KEY, projection_version INTEGER, state BLOB);

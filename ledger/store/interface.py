@@ -141,9 +141,12 @@ MakeChecked = Callable[[Sequence[StoredEvent]], Event]
 class ReadModelMaintainer(Protocol):
     """Keeps the read model in step with the log; the store calls it inside each append's transaction."""
 
-    def advance(self, reader: "StoreReader") -> ReadModelRows | None:
+    def advance(self, reader: "StoreReader", appended: EventChunk | None = None) -> ReadModelRows | None:
         """Fold what ``reader`` (the append's own transaction, new events included) holds past the
-        maintainer's last seq; return the rows to write in that transaction (``None``: write nothing)."""
+        maintainer's last seq; return the rows to write in that transaction (``None``: write nothing).
+
+        ``appended``: the events this transaction inserted, as the store holds them already
+        (a maintainer that is exactly one append behind folds them without reading them back)."""
 
     def discard(self) -> None:
         """The transaction rolled back: forget what the last :meth:`advance` folded."""

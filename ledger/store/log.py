@@ -32,7 +32,7 @@ from ledger.errors import (
     LedgerNotFoundError,
     LedgerWriteError,
 )
-from ledger.events import Event, encode, schema_of, tag_of
+from ledger.events import Event, encode_checked, schema_of, tag_of
 from ledger.store import queries
 from ledger.store.format import (
     READ_MODEL_SCHEMA,
@@ -90,9 +90,18 @@ def sqlite_errors(path: Path, doing: str) -> Iterator[None]:
 
 
 def new_event_ids(n: int) -> list[str]:
-    """``n`` random event ids, each formatted like ``uuid.uuid4().hex`` (one ``urandom`` call for all)."""
+    """``n`` fresh event ids: 32 hex digits laid out as UUIDv7 (RFC 9562), one ``urandom`` call for all.
+
+    The leading 48 bits are the millisecond clock, so ids minted together sort
+    together: inserting a batch touches the right edge of the ``event_id`` index
+    instead of random pages all over it (uniqueness rests on the 74 random bits;
+    the clock only places them).
+    """
     raw = bytearray(os.urandom(16 * n))
-    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4
+    stamp = (time.time_ns() // 1_000_000).to_bytes(6, "big")
+    for i in range(0, 16 * n, 16):
+        raw[i : i + 6] = stamp
+    raw[6::16] = bytes(b & 0x0F | 0x70 for b in raw[6::16])  # version 7
     raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # RFC 4122 variant
     text = raw.hex()
     return [text[i : i + 32] for i in range(0, 32 * n, 32)]
@@ -193,6 +202,7 @@ class SqliteStore:
         self.read_only = read_only
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()
+        self._inserted: EventChunk | None = None  # what the open transaction inserted, for its maintainer
         if read_only:
             self._open_reader()
         else:
@@ -341,10 +351,11 @@ class SqliteStore:
         with self._lock, sqlite_errors(self.path, doing):
             conn = self._writer_conn()
             conn.execute("BEGIN IMMEDIATE")
+            self._inserted = None
             try:
                 yield conn
                 if maintainer is not None:
-                    rows = maintainer.advance(SqliteReader(conn, self.path))
+                    rows = maintainer.advance(SqliteReader(conn, self.path), self._inserted)
                     if rows is not None:
                         _write_read_model(conn, rows)
             except BaseException:
@@ -377,19 +388,24 @@ class SqliteStore:
     def _insert(self, conn: sqlite3.Connection, items: Sequence[tuple[Event, str]], epoch: int) -> list[int]:
         next_seq = queries.max_seq(conn) + 1
         now = time.time()
-        rows = []
+        rows, stored = [], []
         for offset, (event, event_id) in enumerate(items):
             tag = tag_of(event)
+            payload, as_read = encode_checked(event)
+            stored.append(as_read)
             rows.append(
                 (next_seq + offset, event_id, epoch, now, tag, schema_of(tag),
-                 getattr(event, "checkpoint_id", None), encode(event).decode())
+                 getattr(event, "checkpoint_id", None), payload.decode())
             )
         conn.executemany(
             "INSERT INTO events (seq, event_id, epoch, recorded_at, tag, schema_version, checkpoint_id, payload) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        return [row[0] for row in rows]
+        seqs = [row[0] for row in rows]
+        # The maintainer folds the events as a reader will decode them, not the caller's objects.
+        self._inserted = EventChunk(seqs, [epoch] * len(rows), [now] * len(rows), stored)
+        return seqs
 
     def append(self, events: Sequence[Event], *, epoch: int, event_ids: Sequence[str | None] | None = None,
                maintainer: ReadModelMaintainer | None = None) -> list[int]:
