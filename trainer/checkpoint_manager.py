@@ -242,25 +242,21 @@ class CheckpointManager:
 
         view: View | None = None
         where: tuple[str | None, str | None] | None = None
-        failure: BaseException | None = None
+        failure: LedgerError | ValueError | OSError | None = None
         if self.ctx.is_coordinator:  # rank 0 alone opens the ledger and records the run once
             try:
-                self.journal = RunJournal(self.run_dir)
-                self._require_blobs_for_database_run()
-                recorded = {**self.config, **self._policy_config()}
-                _, same = self.journal.start_run(recorded, config_hash(recorded), user_code_id(), blobs=self.blobs,
-                                                 ledger_version=ledger_version())
-                if not same:
-                    self._say("note: this config differs from the one the run started with (see run.started)")
-                view = self.journal.projection()
+                view = self._open_journal()
                 where = self._recorded_blobs()
             except (LedgerError, ValueError, OSError) as err:
-                # The other ranks wait in the broadcast below: tell them, rather than leave them to time out.
-                failure, where = err, (None, str(err).splitlines()[0] if str(err) else type(err).__name__)
-        # Every rank writes its own shards straight to the run's blob store: it learns which from rank 0.
-        blobs_url, error = broadcast_object(where)
+                failure = err
+        # Every rank learns whether rank 0 could read the ledger (rather than waiting in the next
+        # collective) and which blob store the run uses: each rank writes its own shards there.
+        problem, (blobs_url, error) = broadcast_object(
+            (None if failure is None else str(failure).splitlines()[0], where or (None, None)))
         if failure is not None:
             raise failure
+        if problem is not None:
+            raise StartRefusedError(f"rank 0 could not open the run's ledger: {problem}")
         if error is not None:
             raise BadInputError(error)
         store = self.journal.blobs if self.journal is not None else blob_store_for(blobs_url, self.run_dir)
@@ -281,6 +277,17 @@ class CheckpointManager:
         self.restored_from = plan.candidate.checkpoint_id if plan.candidate is not None else None
         self._last_save_time = time.monotonic()
         return step
+
+    def _open_journal(self) -> View:
+        """Rank 0: open the ledger, record ``run.started`` (once per run); the projection now."""
+        self.journal = RunJournal(self.run_dir)
+        self._require_blobs_for_database_run()
+        recorded = {**self.config, **self._policy_config()}
+        _, same = self.journal.start_run(recorded, config_hash(recorded), user_code_id(), blobs=self.blobs,
+                                         ledger_version=ledger_version())
+        if not same:
+            self._say("note: this config differs from the one the run started with (see run.started)")
+        return self.journal.projection()
 
     def _policy_config(self) -> dict[str, Any]:
         """The fields the ledger's decisions read from ``run.started`` (best rule, retention for gc)."""
@@ -558,7 +565,7 @@ class CheckpointManager:
     def _fenced(self, fenced_by: int | None) -> None:
         self.exit_code, self.status = EXIT_PROBLEM, "fenced"
         self.message = f"fenced by epoch {fenced_by}: a newer attempt took over this run; this job stops (not restarted)"
-        self._say(self.message, error=True)
+        self._say(self.message)  # a progress line: stderr is left to whoever reports the exit (the CLI does)
 
     def _end_failed(self) -> None:
         self.exit_code, self.status = EXIT_PROBLEM, "failed"
