@@ -36,7 +36,7 @@ def check_prefix(run_dir: Path, stored_prefix: list) -> None:
         assert view.checkpoint(cid) == expected.checkpoints[cid]
 
 
-@settings(max_examples=20)  # each example opens a reader and folds the prefix after every append
+@settings(max_examples=15)  # each example opens a reader and folds the prefix after every append
 @given(
     entries=event_logs,
     schedule=st.lists(st.sampled_from(["a", "a", "a", "b", "crash-a", "zombie"]), min_size=1, max_size=60),
