@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from cli.errors import EXIT_PROBLEM
 from cli.options import json_option, open_read_only, run_dir_argument
-from ledger.audit import AuditReport, Progress, audit
-
-
-def _progress_bar(enabled: bool) -> tuple[Progress | None, list]:
-    """A callback drawing a click progress bar on stderr (only on a terminal), and the bar holder to close."""
-    holder: list = []
-    if not enabled:
-        return None, holder
-
-    def update(done: int, total: int) -> None:
-        if not holder:
-            holder.append(click.progressbar(length=max(total, 1), label="verifying shard hashes", file=sys.stderr))
-            holder[0].__enter__()
-            holder.append(0)
-        bar = holder[0]
-        bar.update(done - holder[1])
-        holder[1] = done
-
-    return update, holder
+from cli.progress import byte_progress, wanted
+from ledger.audit import AuditReport, audit
 
 
 def render_report(report: AuditReport) -> str:
@@ -58,7 +40,9 @@ def render_report(report: AuditReport) -> str:
 def audit_command(ctx: click.Context, run_dir: Path, as_json: bool, verify_blobs: bool) -> None:
     """Post-mortem of a run: crashed attempts, torn saves, stray, missing or damaged files, ledger integrity.
 
-    Read-only: changes neither the ledger nor any file. Exits 0 when healthy,
+    Read-only: changes neither the ledger nor any file. The shards are checked wherever
+    the run keeps them (a directory or object storage, as recorded when it started);
+    --verify-blobs streams every one through its hash. Exits 0 when healthy,
     1 when problems were found (each with what to do), 2 when the ledger is unreadable.
 
     \b
@@ -67,13 +51,9 @@ def audit_command(ctx: click.Context, run_dir: Path, as_json: bool, verify_blobs
       ckpt-ledger audit runs/exp1 --verify-blobs      # also re-hash every shard
       ckpt-ledger audit runs/exp1 --json | jq '.findings[] | select(.severity == "problem")'
     """
-    progress, bar = _progress_bar(verify_blobs and sys.stderr.isatty())
-    with open_read_only(run_dir) as led:
-        try:
-            report = audit(led, verify_blobs=verify_blobs, progress=progress)
-        finally:
-            if bar:
-                bar[0].__exit__(None, None, None)
+    with open_read_only(run_dir) as led, \
+            byte_progress("verifying shard hashes", verify_blobs and wanted(as_json)) as progress:
+        report = audit(led, verify_blobs=verify_blobs, progress=progress)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

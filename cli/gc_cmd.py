@@ -26,7 +26,7 @@ def resolve_policy(config: dict[str, Any], keep_last: int | None, keep_every: in
 
 
 def _sizes(led: Ledger, strays: list[StrayFile]) -> dict[str, int | None]:
-    return {s.location: led.blobs.size(s.location) for s in strays}
+    return {s.location: None if s.upload else led.blobs.size(s.location) for s in strays}
 
 
 def plan_to_dict(plan: GcPlan, deletions: list[Deletion], strays: list[StrayFile], sizes: dict[str, int | None],
@@ -40,7 +40,7 @@ def plan_to_dict(plan: GcPlan, deletions: list[Deletion], strays: list[StrayFile
         "checkpoints": [{"checkpoint_id": d.checkpoint_id, "step": d.step, "reason": d.reason,
                          "locations": list(d.locations), "bytes": d.bytes} for d in deletions],
         "files": [{"location": s.location, "checkpoint_id": s.checkpoint_id, "reason": s.reason,
-                   "bytes": sizes.get(s.location)} for s in strays],
+                   "bytes": sizes.get(s.location), "upload": s.upload} for s in strays],
         "bytes": sum(d.bytes for d in deletions) + sum(v or 0 for v in sizes.values()),
     }
 

@@ -11,6 +11,7 @@ from cli.options import json_option, open_read_only, run_dir_argument, seq_type
 from cli.tables import human_bytes, human_duration, render_table
 from ledger import Ledger
 from ledger.decisions import is_torn, metric_of
+from ledger.lineage import current_branch, on_current_branch
 from ledger.view import View
 
 
@@ -59,6 +60,8 @@ def _reason(attempt) -> str | None:  # noqa: ANN001 - AttemptState
         return "no attempt.ended"
     if attempt.status == "running":
         return None
+    if attempt.status == "fenced":
+        return f"fenced by epoch {attempt.fenced_by}" if attempt.fenced_by else "fenced"
     return attempt.reason + (f" ({attempt.preempted_by})" if attempt.preempted_by else "")
 
 
@@ -79,6 +82,7 @@ def render_view(view: View, run_dir: Path, last_seen: dict[int, float] | None = 
         f"  latest  {_ref(latest)}" + (f"  {metric}={latest_value:.6g}" if latest_value is not None else ""),
         f"  best    {_ref(best.checkpoint if best else None)}"
         + (f"  {best.metric}={best.value:.6g} ({view.best_rule.mode})" if best else f"  (no {metric} recorded)"),
+        f"  aliases {', '.join(f'{a} -> {c}' for a, c in sorted(view.state.aliases.items())) or '-'}",
         f"  last step {view.last_step if view.last_step is not None else '-'}  ·  "
         f"goodput {view.goodput:.1%} ({view.state.steps_lost} of {view.state.steps_run} steps lost to restarts)",
     ]
@@ -100,17 +104,19 @@ def render_view(view: View, run_dir: Path, last_seen: dict[int, float] | None = 
     checkpoints = list(view.checkpoints.values())
     if checkpoints:
         protected = view.protected()
+        branch = current_branch(view.state)
         rows = []
         for c in checkpoints:
             topo = "·".join(f"{k}{v}" for k, v in sorted(c.topology.items())) or "-"
             status = "torn" if is_torn(view.state, c) else c.status
             if c.pinned and c.status != "deleted":
                 status += ", pinned"
-            rows.append([c.checkpoint_id, c.step, status, human_bytes(c.bytes), len(c.shards),
-                         f"{c.stack} x{c.world_size}", topo, metric_of(view.state, c, metric),
-                         protected.get(c.checkpoint_id)])
+            rows.append([c.checkpoint_id, c.step, status, "" if on_current_branch(view.state, c, branch) else "abandoned",
+                         c.parent or "(root)", human_bytes(c.bytes), len(c.shards), f"{c.stack} x{c.world_size}", topo,
+                         metric_of(view.state, c, metric), protected.get(c.checkpoint_id)])
         lines += ["", "checkpoints", render_table(
-            ["checkpoint", "step", "status", "size", "shards", "stack", "topology", metric, "kept because"], rows)]
+            ["checkpoint", "step", "status", "branch", "parent", "size", "shards", "stack", "topology", metric,
+             "kept because"], rows)]
     if view.anomalies:
         lines += ["", f"anomalies ({len(view.anomalies)}; see `ckpt-ledger audit`)"]
         lines += [f"  {a}" for a in view.anomalies[:5]]

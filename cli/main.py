@@ -64,6 +64,8 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so that `cli` exists before commands attach to it.
+    from cli.alias_cmd import alias_command, unalias_command
+    from cli.attempt_cmd import end_attempt_command
     from cli.audit_cmd import audit_command
     from cli.gc_cmd import gc_command
     from cli.inspect_cmd import inspect_command
@@ -73,7 +75,7 @@ def _register() -> None:
     from cli.timeline_cmd import timeline_command
 
     for command in (inspect_command, replay_command, audit_command, gc_command, tail_command, pin_command,
-                    unpin_command, timeline_command):
+                    unpin_command, timeline_command, alias_command, unalias_command, end_attempt_command):
         cli.add_command(command)
     from cli.train_cmd import train_command
     cli.add_command(train_command)

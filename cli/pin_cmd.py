@@ -15,7 +15,8 @@ from ledger.events import CheckpointPinned, CheckpointUnpinned
 checkpoint_argument = click.argument("ref", metavar="ID")
 
 
-def _why_not_pinnable(view, ckpt) -> str | None:  # noqa: ANN001 - View, CheckpointState
+def why_not_pinnable(view, ckpt) -> str | None:  # noqa: ANN001 - View, CheckpointState
+    """Why a checkpoint cannot be pinned or aliased (``None``: it can)."""
     if ckpt.status == "deleted":
         return "deleted"
     if ckpt.deletion_requested:
@@ -33,7 +34,7 @@ def _set_pin(run_dir: Path, ref: str, pinned: bool) -> None:
         view = ro.projection()
     ckpt = view.checkpoint(ref)  # unknown id -> CheckpointNotFoundError -> exit 1
     cid = ckpt.checkpoint_id
-    if pinned and (why := _why_not_pinnable(view, ckpt)) is not None:
+    if pinned and (why := why_not_pinnable(view, ckpt)) is not None:
         raise CliError(f"checkpoint {cid} is {why}; only a live checkpoint can be pinned "
                        "(see `ckpt-ledger inspect` for the committed ones)", EXIT_PROBLEM)
     if ckpt.pinned == pinned:

@@ -12,9 +12,11 @@ from pathlib import Path
 import click
 
 from cli.errors import EXIT_USAGE, CliError
+from cli.inspect_cmd import last_event_times
 from cli.options import open_read_only, run_dir_argument
 from ledger import Ledger
 from ledger.decisions import is_torn
+from ledger.lineage import current_branch
 from ledger.events import PreemptionSignalled, StepCompleted
 from ledger.view import View
 
@@ -74,18 +76,37 @@ def _thin(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [points[int(i * stride)] for i in range(MAX_POINTS)] + [points[-1]]
 
 
-def draw(view: View, series: Series, title: str):  # noqa: ANN201 - a matplotlib Figure
-    """The timeline figure (matplotlib's object-oriented API: no pyplot, no global state)."""
+def _status_label(attempt) -> str:  # noqa: ANN001 - AttemptState
+    if attempt.status == "fenced" and attempt.fenced_by:
+        return f"fenced by epoch {attempt.fenced_by}"
+    return attempt.status
+
+
+def draw(view: View, series: Series, title: str, last_seen: dict[int, float] | None = None):  # noqa: ANN201 - Figure
+    """The timeline figure (matplotlib's object-oriented API: no pyplot, no global state).
+
+    Panels: attempts over steps with an arrow from the checkpoint each resumed from (the
+    lineage; abandoned checkpoints faded), the loss with one colour per attempt, and the
+    attempts on the wall clock, where overlaps (zombies) and gaps (queue time) show.
+    """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     attempts = view.attempts
     checkpoints = list(view.checkpoints.values())
     has_loss = any(series.loss.values())
-    fig = Figure(figsize=(11, 6.5 if has_loss else 4.2), layout="constrained")
-    axes = fig.subplots(2 if has_loss else 1, 1, sharex=True, squeeze=False,
-                        gridspec_kw={"height_ratios": [1.2, 1] if has_loss else [1]})[:, 0]
+    # "tight", not "constrained": the constraint solver's float results vary from run to run in the last
+    # digits, which changes SVG clip-path ids; the same ledger must always render the same bytes.
+    fig = Figure(figsize=(11, 8.5 if has_loss else 6.0), layout="tight")
+    ratios = [1.2, 1, 0.7] if has_loss else [1.2, 0.7]
+    grid = fig.add_gridspec(len(ratios), 1, height_ratios=ratios)
+    axes = [fig.add_subplot(grid[0])]
+    if has_loss:
+        axes.append(fig.add_subplot(grid[1], sharex=axes[0]))
+    clock_ax = fig.add_subplot(grid[-1])
     ax = axes[0]
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    attempt_colour = {a.epoch: palette[i % len(palette)] for i, a in enumerate(attempts)}
     ax.set_title(title, fontsize=11, loc="left")
     rows = {a.epoch: i + 1 for i, a in enumerate(attempts)}
     for attempt in attempts:
@@ -93,7 +114,7 @@ def draw(view: View, series: Series, title: str):  # noqa: ANN201 - a matplotlib
         end = attempt.last_step if attempt.last_step is not None else attempt.first_step
         ax.barh(y, max(end - attempt.first_step, 0.4), left=attempt.first_step, height=0.5,
                 color=ATTEMPT_COLOURS.get(attempt.status, "#757575"), alpha=0.85)
-        ax.text(end, y, f"  {attempt.status}", va="center", fontsize=8)
+        ax.text(end, y, f"  {_status_label(attempt)}", va="center", fontsize=8)
         if attempt.status in ("crashed", "failed"):
             ax.plot([end], [y], marker="X", color="#c62828", markersize=11, markeredgecolor="black", zorder=5)
     for epoch, step, _signal in series.preemptions:
@@ -101,9 +122,18 @@ def draw(view: View, series: Series, title: str):  # noqa: ANN201 - a matplotlib
             ax.plot([step], [rows[epoch]], marker="v", color="#ef6c00", markersize=11, markeredgecolor="black", zorder=5)
     ck_row = len(attempts) + 1.2
     shown = {c.checkpoint_id: "torn" if is_torn(view.state, c) else c.status for c in checkpoints}
+    branch = current_branch(view.state)
     for ckpt in checkpoints:
-        ax.plot([ckpt.step], [ck_row], marker="|", markersize=18, mew=2.5,
+        abandoned = branch is not None and ckpt.checkpoint_id not in branch
+        ax.plot([ckpt.step], [ck_row], marker="|", markersize=18, mew=2.5, alpha=0.35 if abandoned else 1.0,
                 color=CHECKPOINT_COLOURS.get(shown[ckpt.checkpoint_id], "#757575"))
+    for attempt in attempts:  # lineage: each attempt starts from the checkpoint it resumed from
+        source = view.checkpoints.get(attempt.resumed_from) if attempt.resumed_from else None
+        if source is not None:
+            arrow = ax.annotate("", xy=(attempt.first_step, rows[attempt.epoch] + 0.25), xytext=(source.step, ck_row),
+                                arrowprops={"arrowstyle": "->", "color": attempt_colour[attempt.epoch], "lw": 1.2,
+                                            "alpha": 0.8, "shrinkA": 6, "shrinkB": 2})
+            arrow.arrow_patch.set_gid(f"lineage-e{attempt.epoch}-from-{source.checkpoint_id}")
     # latest just above the ticks, best above that: both stay readable when they are the same checkpoint.
     marks = []
     if view.latest is not None:
@@ -117,9 +147,17 @@ def draw(view: View, series: Series, title: str):  # noqa: ANN201 - a matplotlib
                   [*(f"attempt {a.epoch}" + (f"\njob {a.job_id}" if a.job_id else "") for a in attempts), "checkpoints"],
                   fontsize=8)
     ax.set_ylim(0.3, ck_row + 1.2)
+    # Room on the right for the end-of-bar and best/latest labels, so they never run into the legend.
+    right = max([c.step for c in checkpoints] + [a.last_step or a.first_step for a in attempts] + [1])
+    ax.set_xlim(left=min(0, ax.get_xlim()[0]), right=right * 1.22 + 1)
     ax.grid(axis="x", alpha=0.3)
     legend = [Line2D([], [], color=c, lw=6, label=f"attempt {s}") for s, c in ATTEMPT_COLOURS.items()
               if any(a.status == s for a in attempts)]
+    if any(a.resumed_from for a in attempts):
+        legend.append(Line2D([], [], color="#555555", lw=1.2, label="resumed from (arrow)"))
+    if branch is not None and any(c.checkpoint_id not in branch for c in checkpoints):
+        legend.append(Line2D([], [], color="#2e7d32", alpha=0.35, marker="|", lw=0, markersize=12, mew=2.5,
+                             label="abandoned branch"))
     legend += [Line2D([], [], color=c, marker="|", lw=0, markersize=12, mew=2.5, label=f"checkpoint {s}")
                for s, c in CHECKPOINT_COLOURS.items() if s in shown.values()]
     if series.preemptions:
@@ -133,13 +171,32 @@ def draw(view: View, series: Series, title: str):  # noqa: ANN201 - a matplotlib
         for epoch, points in sorted(series.loss.items()):
             points = _thin(points)
             lax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2, label=f"attempt {epoch}",
-                     color=ATTEMPT_COLOURS.get(view.state.attempts[epoch].status if epoch in view.state.attempts
-                                               else "", "#757575"))
+                     color=attempt_colour.get(epoch, "#757575"))
         lax.set_ylabel(series.metric or "", fontsize=9)
         lax.grid(alpha=0.3)
         lax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     axes[-1].set_xlabel("step")
+    _draw_wall_clock(clock_ax, attempts, rows, attempt_colour, last_seen or {})
     return fig
+
+
+def _draw_wall_clock(ax, attempts, rows, colours, last_seen: dict[int, float]) -> None:  # noqa: ANN001
+    """Attempts on the wall clock (seconds from the first start): overlaps are zombies, gaps queue time."""
+    ax.set_gid("wall-clock")
+    if not attempts:
+        return
+    origin = min(a.started_at for a in attempts)
+    for attempt in attempts:
+        end = attempt.ended_at if attempt.ended_at is not None else last_seen.get(attempt.epoch, attempt.started_at)
+        ax.barh(rows[attempt.epoch], max(end - attempt.started_at, 1e-3), left=attempt.started_at - origin, height=0.5,
+                color=colours[attempt.epoch], alpha=0.85,
+                hatch="//" if attempt.status == "fenced" else None,
+                edgecolor=ATTEMPT_COLOURS.get(attempt.status, "#757575"))
+        ax.text(end - origin, rows[attempt.epoch], f"  {_status_label(attempt)}", va="center", fontsize=7)
+    ax.set_xlim(left=0, right=ax.get_xlim()[1] * 1.15)  # room for the end labels
+    ax.set_yticks(list(rows.values()), [f"attempt {a.epoch}" for a in attempts], fontsize=8)
+    ax.set_xlabel("wall clock (s since the first attempt started)")
+    ax.grid(axis="x", alpha=0.3)
 
 
 def render(fig, fmt: str, title: str, summary: str) -> bytes:  # noqa: ANN001 - a matplotlib Figure
@@ -198,6 +255,7 @@ def timeline_command(run_dir: Path, out: Path) -> None:
     with open_read_only(run_dir) as led:
         view = led.projection()
         series = read_series(led)
+        last_seen = last_event_times(led, view)
     run_id = view.run.run_id if view.run else run_dir.name
     title = f"run {run_id} — {len(view.attempts)} attempt(s), goodput {view.goodput:.1%}"
     best = view.best
@@ -205,5 +263,5 @@ def timeline_command(run_dir: Path, out: Path) -> None:
                f"latest {view.latest.checkpoint_id if view.latest else '-'}; "
                f"best {best.checkpoint_id + f' ({best.metric}={best.value:.4g})' if best else '-'}; "
                f"{view.state.steps_lost} of {view.state.steps_run} steps lost to restarts")
-    write_atomically(out, render(draw(view, series, title), fmt, title, summary))
+    write_atomically(out, render(draw(view, series, title, last_seen), fmt, title, summary))
     click.echo(f"wrote {out} ({fmt})")

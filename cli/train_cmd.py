@@ -49,6 +49,10 @@ STACK_CHOICES = ("ddp", "fsdp", "tppp")
               help="Restart all workers up to N times after a worker dies (each restart resumes).")
 @click.option("--codec", type=click.Choice(("none", "zstd", "zstd-bg")), default="none", show_default=True,
               help="How checkpoint files store tensors: plain, zstd, or byte-grouped zstd (smaller floats).")
+@click.option("--blobs", default=None, metavar="DIR|URL",
+              help="Where checkpoint shards go: a directory or an fsspec URL such as s3://bucket/prefix "
+                   "(default: the run directory). Endpoint and keys come from AWS_ENDPOINT_URL, "
+                   "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or fsspec config, never from the URL.")
 @click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Nodes in the job: run this command once per node, each starting --nproc workers.")
 @click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
@@ -64,7 +68,8 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
                   pp_microbatches: int | None, steps: int, ckpt_every: int,
                   eval_every: int, keep_last: int | None, keep_every: int | None, keep_best: int | None,
                   resume: str | None, pretrained: str | None, seed: int, max_restarts: int,
-                  codec: str, nnodes: int, node_rank: int, rdzv_endpoint: str | None, rdzv_id: str | None,
+                  codec: str, blobs: str | None, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
+                  rdzv_id: str | None,
                   local_addr: str | None, sync_checkpoint: bool, ckpt_every_seconds: float | None = None,
                   keep_every_seconds: float | None = None, keep_for: float | None = None,
                   keep_without_metric: bool = False) -> None:
@@ -83,6 +88,7 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
       ckpt-ledger train --run-dir runs/exp1 --resume latest --steps 600
       ckpt-ledger train --run-dir runs/exp2 --stack tppp --tp 2 --pp 2 --nproc 4
       ckpt-ledger train --run-dir /shared/exp3 --nproc 4 --nnodes 2 --node-rank 0 --rdzv-endpoint node01:29500
+      AWS_ENDPOINT_URL=http://127.0.0.1:8333 ckpt-ledger train --run-dir runs/exp3 --blobs s3://ckpts/exp3
     """
     # Imported here: torch is heavy and only `train` needs it.
     import torch
@@ -97,7 +103,8 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
     try:
         if nnodes > 1 or rdzv_endpoint is not None:
             if rdzv_endpoint is None:
-                raise ValueError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (where node 0 hosts the rendezvous)")
+                raise ValueError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT "
+                                 "(where node 0 hosts the rendezvous)")
             nodes = NodeRendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint,
                                    run_id=rdzv_id or DEFAULT_RDZV_ID, local_addr=local_addr)
         elif node_rank or rdzv_id or local_addr:
@@ -116,6 +123,8 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
         get_stack(stack).topology(world, tp=tp, pp=pp)
     except ValueError as err:
         raise CliError(f"--stack {stack}: {err}", EXIT_USAGE) from None
+    if blobs is not None and "://" not in blobs:
+        blobs = os.path.abspath(blobs)  # recorded for read commands run from anywhere
     try:
         config = TrainerConfig(
             run_dir=run_dir, stack=stack, tp=tp, pp=pp, pp_schedule=pp_schedule, pp_microbatches=pp_microbatches,
@@ -123,7 +132,8 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
             keep_last=keep_last, keep_every=keep_every, keep_best=keep_best, resume=resume, pretrained=pretrained,
             ckpt_every_seconds=ckpt_every_seconds, keep_every_seconds=keep_every_seconds, keep_for=keep_for,
             keep_without_metric=keep_without_metric,
-            seed=seed, async_checkpoint=not sync_checkpoint, checkpoint_codec=codec, job=JobSpec().as_dict(),
+            seed=seed, async_checkpoint=not sync_checkpoint, checkpoint_codec=codec, blobs=blobs,
+            job=JobSpec().as_dict(),
         )
     except ValueError as err:
         raise CliError(str(err), EXIT_USAGE) from None

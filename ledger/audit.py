@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ledger import decisions
-from ledger.blobs import hash_algo_of
-from ledger.gc import may_be_in_progress, stray_files
+from ledger.blobs import parse_location
+from ledger.errors import CorruptBlobError
+from ledger.gc import may_be_in_progress, stray_files, stray_uploads
 from ledger.health import (
     CREATION_LEFTOVER,
     FENCING,
@@ -117,6 +118,7 @@ def audit(led: "Ledger", *, verify_blobs: bool = False, progress: Progress | Non
     word a finding, never to decide anything).
     """
     listing = list(led.blobs.list_files())  # before projecting, as gc does
+    uploads = led.blobs.unfinished_uploads()
     findings: list[Finding] = []
     health = led.health(thorough=verify_blobs)
     view = led.projection(at=health.seq)
@@ -127,9 +129,9 @@ def audit(led: "Ledger", *, verify_blobs: bool = False, progress: Progress | Non
         findings.append(Finding("empty_ledger", NOTE, led.path.name, "the ledger has no events yet"))
     findings += _attempts(led, state, process_alive)
     findings += _checkpoints(led, state, verify_blobs, progress, report.checked)
-    for stray in stray_files(state, listing):
-        findings.append(Finding("stray_file", PROBLEM, stray.location, stray.reason,
-                                f"`ckpt-ledger gc {led.run_dir}` removes it"))
+    for stray in stray_files(state, listing) + stray_uploads(state, uploads):
+        findings.append(Finding("stray_upload" if stray.upload else "stray_file", PROBLEM, stray.location,
+                                stray.reason, f"`ckpt-ledger gc {led.run_dir}` {'aborts' if stray.upload else 'removes'} it"))
     live = [loc for loc in listing if may_be_in_progress(state, *_blob_owner(loc))]
     if live:
         findings.append(Finding("files_in_progress", NOTE, "blobs", f"{len(live)} file(s) belong to saves still in "
@@ -140,10 +142,8 @@ def audit(led: "Ledger", *, verify_blobs: bool = False, progress: Progress | Non
 
 
 def _blob_owner(location: str) -> tuple[str | None, int | None]:
-    parts = location.split("/")
-    if len(parts) >= 4 and parts[0] == "blobs" and parts[2][:1] == "e" and parts[2][1:].isdigit():
-        return parts[1], int(parts[2][1:])
-    return None, None
+    parsed = parse_location(location)
+    return (parsed.checkpoint_id, parsed.epoch) if parsed else (None, None)
 
 
 # -- the database file ---------------------------------------------------------------------------
@@ -208,7 +208,11 @@ def _attempts(led: "Ledger", state: State, process_alive: Callable[[str, int], b
         who = f"attempt {attempt.epoch}" + (f" (job {attempt.job_id})" if attempt.job_id else "")
         saves = "".join(f"; save {c.checkpoint_id} at step {c.step} never committed ({_rank_progress(c)})"
                         for c in unfinished.get(attempt.epoch, []))
-        if attempt.status == "crashed":
+        if attempt.status == "crashed" and attempt.ended_seq is not None:
+            found.append(Finding("crashed_attempt", NOTE, f"attempt {attempt.epoch}",
+                                 f"{who} was recorded as crashed by an operator (`ckpt-ledger end-attempt`) at step "
+                                 f"{attempt.last_step}{saves}", seq=attempt.ended_seq))
+        elif attempt.status == "crashed":
             found.append(Finding("crashed_attempt", NOTE, f"attempt {attempt.epoch}",
                                  f"{who} ended without attempt.ended (crashed or killed); last event "
                                  f"{_last_event(led, attempt.last_seq)}, last step {attempt.last_step}{saves}",
@@ -223,13 +227,19 @@ def _attempts(led: "Ledger", state: State, process_alive: Callable[[str, int], b
                     f"{who} has no attempt.ended but its process {attempt.pid} on {attempt.host} is gone: it crashed; "
                     f"last event {last}{saves}",
                     "restart the job (it resumes from "
-                    f"{target.checkpoint_id if target else 'scratch'} and fences this attempt), "
-                    "then run `ckpt-ledger gc` to remove its unfinished save", seq=attempt.last_seq))
+                    f"{target.checkpoint_id if target else 'scratch'} and fences this attempt), or record it with "
+                    f"`ckpt-ledger end-attempt {led.run_dir} {attempt.epoch} --reason crashed`; then "
+                    "`ckpt-ledger gc` removes its unfinished save", seq=attempt.last_seq))
             else:
                 found.append(Finding("running_attempt", NOTE, f"attempt {attempt.epoch}",
                                      f"{who} has not ended yet (still running, or crashed with no restart since); "
                                      f"last event {last}{saves}", seq=attempt.last_seq))
-        elif attempt.status in ("failed", "fenced"):
+        elif attempt.status == "fenced":
+            by = f" by epoch {attempt.fenced_by}" if attempt.fenced_by else ""
+            found.append(Finding("fenced_attempt", NOTE, f"attempt {attempt.epoch}",
+                                 f"{who} was fenced{by} at step {attempt.last_step}: a newer attempt took over the run "
+                                 f"and its later appends were refused{saves}", seq=attempt.ended_seq))
+        elif attempt.status == "failed":
             found.append(Finding(f"{attempt.status}_attempt", NOTE, f"attempt {attempt.epoch}",
                                  f"{who} ended {attempt.status} at step {attempt.last_step}", seq=attempt.ended_seq))
     return found
@@ -308,21 +318,24 @@ def _verify_hashes(led: "Ledger", state: State, shards: list[tuple[CheckpointSta
     for ckpt, shard in shards:
         size = led.blobs.size(shard.location)
         if size == shard.bytes:  # missing or resized files were reported already
+            def hashed(count: int, base: int = done) -> None:
+                if progress is not None:
+                    progress(base + count, total)
+
             try:
-                algo = hash_algo_of(shard.hash)
-            except ValueError as err:
-                found.append(Finding("hash_mismatch", PROBLEM, shard.location,
-                                     f"committed checkpoint {ckpt.checkpoint_id}: {err}",
-                                     "the recorded hash cannot be checked; treat the checkpoint as unverified",
-                                     seq=ckpt.committed_seq))
-                continue
-            digest, _ = led.blobs.hash_file(shard.location, algo)
-            if digest != shard.hash:
-                found.append(Finding("hash_mismatch", PROBLEM, shard.location,
-                                     f"committed checkpoint {ckpt.checkpoint_id}: content hash {digest} does not match "
-                                     f"the recorded {shard.hash}",
-                                     f"restore the file from a backup; {_fallback(state, ckpt)}",
-                                     seq=ckpt.committed_seq))
+                led.blobs.verify(shard.location, shard.hash, shard.bytes, progress=hashed)
+            except CorruptBlobError as err:
+                if err.found_hash is None:  # the recorded hash names no algorithm it could be checked with
+                    found.append(Finding("hash_mismatch", PROBLEM, shard.location,
+                                         f"committed checkpoint {ckpt.checkpoint_id}: {err}",
+                                         "the recorded hash cannot be checked; treat the checkpoint as unverified",
+                                         seq=ckpt.committed_seq))
+                else:
+                    found.append(Finding("hash_mismatch", PROBLEM, shard.location,
+                                         f"committed checkpoint {ckpt.checkpoint_id}: content hash {err.found_hash} "
+                                         f"does not match the recorded {shard.hash}",
+                                         f"restore the file from a backup; {_fallback(state, ckpt)}",
+                                         seq=ckpt.committed_seq))
         done += shard.bytes
         if progress is not None:
             progress(done, total)

@@ -12,24 +12,28 @@ hashes recorded by earlier versions still verify.
 Locations are relative strings (``blobs/<checkpoint>/e<epoch>/...``): the epoch in
 the path means a stale attempt can never overwrite a live attempt's files.
 
-:class:`BlobStore` is the small interface a remote backend (e.g. fsspec/S3) would
-implement; :class:`LocalBlobStore` is the local-filesystem one.
+:class:`BlobStore` is the small interface every backend implements;
+:class:`LocalBlobStore` is the local-filesystem one and
+:class:`ledger.blobs_remote.FsspecBlobStore` the object-storage one (``s3://…`` and any
+fsspec URL). :func:`blob_store_for` picks one from what a run recorded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import xxhash
 
 from ledger import codecs
+from ledger.direct_io import open_direct
 from ledger.errors import CorruptBlobError, LedgerWriteError
 from ledger.faults import crash_point
 
@@ -83,6 +87,41 @@ class BlobInfo:
     bytes: int
     hash: str
     codec: str
+
+
+class BlobLocation(NamedTuple):
+    """The parts of a location laid out by :meth:`BlobStore.checkpoint_dir`."""
+
+    checkpoint_id: str
+    epoch: int
+    name: str
+
+
+_LOCATION = re.compile(r"^blobs/(?P<cid>[^/]+)/e(?P<epoch>\d+)/(?P<name>.+)$")
+
+
+def parse_location(location: str) -> BlobLocation | None:
+    """``blobs/<checkpoint>/e<epoch>/<name>`` split into its parts; ``None`` for any other location."""
+    match = _LOCATION.match(location)
+    if match is None:
+        return None
+    return BlobLocation(match["cid"], int(match["epoch"]), match["name"])
+
+
+#: ``progress(bytes_done)`` while a blob is hashed: called after each chunk with the running total.
+HashProgress = Callable[[int], None]
+
+
+def hash_stream(stream: BinaryIO, algo: str = HASH_ALGO, progress: HashProgress | None = None,
+                chunk_bytes: int = _HASH_CHUNK) -> tuple[str, int]:
+    """Hash a readable stream to its end in chunks: ``(algo:hex, bytes read)``."""
+    hasher, size = new_hasher(algo), 0
+    while chunk := stream.read(chunk_bytes):
+        hasher.update(chunk)
+        size += len(chunk)
+        if progress is not None:
+            progress(size)
+    return format_hash(hasher, algo), size
 
 
 def check_component(value: str, what: str) -> str:
@@ -143,6 +182,9 @@ class BlobStore(ABC):
     relative ``/``-separated strings such as ``blobs/<checkpoint>/e<epoch>/<file>``.
     """
 
+    #: What ``run.started.blobs`` records for this store (``None``: the run directory itself).
+    url: str | None = None
+
     @abstractmethod
     def open_atomic(self, location: str) -> BlobWriter:
         """A :class:`BlobWriter` for ``location``: hashed as written, durable and visible on clean close only.
@@ -165,6 +207,15 @@ class BlobStore(ABC):
     @abstractmethod
     def size(self, location: str) -> int | None:
         """Stored size in bytes, or ``None`` when nothing is stored at ``location``."""
+
+    def map_read(self, location: str) -> memoryview | None:
+        """The stored bytes as a read-only ``memoryview`` without copying them, or ``None``.
+
+        Optional: a backend that can map a blob into memory (a local file) returns the
+        mapping (valid as long as the view is referenced); the default, ``None``, tells the
+        caller to read through :meth:`open_read` instead.
+        """
+        return None
 
     @abstractmethod
     def exists(self, location: str) -> bool:
@@ -205,26 +256,45 @@ class BlobStore(ABC):
                 )
         return codecs.decode(data, codec, location=location)
 
-    def hash_file(self, location: str, algo: str = HASH_ALGO) -> tuple[str, int]:
-        """The stored blob's content hash (``algo:hex``) and size in bytes."""
-        hasher, size = new_hasher(algo), 0
+    def hash_file(self, location: str, algo: str = HASH_ALGO,
+                  progress: HashProgress | None = None) -> tuple[str, int]:
+        """The stored blob's content hash (``algo:hex``) and size in bytes, streamed.
+
+        ``progress(bytes_so_far)`` is called as it goes. :class:`CorruptBlobError` when missing.
+        """
         with self.open_read(location) as fh:
-            while chunk := fh.read(_HASH_CHUNK):
-                hasher.update(chunk)
-                size += len(chunk)
-        return format_hash(hasher, algo), size
+            return hash_stream(fh, algo, progress)
+
+    def unfinished_uploads(self) -> list[str]:
+        """Locations with an upload begun and never completed (multipart uploads of a killed
+        writer): invisible as blobs, but holding storage until aborted. Default: none."""
+        return []
+
+    def abort_uploads(self, location: str) -> None:
+        """Abort every unfinished upload to ``location`` (no error if there is none)."""
+
+    def describe(self) -> str:
+        """Where the blobs are, for messages (never any credential)."""
+        return self.url or "the run directory"
 
     def checkpoint_dir(self, checkpoint_id: str, epoch: int) -> str:
         """The location prefix where attempt ``epoch`` writes checkpoint ``checkpoint_id``."""
         return f"blobs/{check_component(checkpoint_id, 'checkpoint id')}/e{int(epoch)}"
 
-    def verify(self, location: str, expected_hash: str, expected_bytes: int | None = None) -> None:
-        """Raise :class:`CorruptBlobError` unless the stored blob has this hash (and size)."""
-        if not self.exists(location):
+    def verify(self, location: str, expected_hash: str, expected_bytes: int | None = None,
+               progress: HashProgress | None = None) -> None:
+        """Raise :class:`CorruptBlobError` unless the stored blob has this hash (and size).
+
+        The one hash check of stored blobs: load, export, commit-time checks and
+        ``audit --verify-blobs`` all go through it. ``progress(bytes_so_far)`` as it hashes.
+        """
+        algo = _algo_to_verify(location, expected_hash)
+        try:
+            found, size = self.hash_file(location, algo, progress)
+        except CorruptBlobError:  # nothing stored there
             raise CorruptBlobError(
                 f"shard {location} is missing", location=location, expected_hash=expected_hash, found_hash=None
-            )
-        found, size = self.hash_file(location, _algo_to_verify(location, expected_hash))
+            ) from None
         if expected_bytes is not None and size != expected_bytes:
             raise CorruptBlobError(
                 f"shard {location} has {size} bytes, the ledger recorded {expected_bytes}",
@@ -273,7 +343,20 @@ class LocalBlobStore(BlobStore):
                 f"shard {location} is missing", location=location, expected_hash=None, found_hash=None
             ) from None
 
-    def hash_file(self, location: str, algo: str = HASH_ALGO) -> tuple[str, int]:
+    def map_read(self, location: str) -> memoryview | None:
+        """The file mapped read-only (pages the page cache holds are not copied); missing: ``CorruptBlobError``."""
+        try:
+            with open(self.path(location), "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    return memoryview(b"")
+                return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))  # the view keeps the map
+        except FileNotFoundError:
+            raise CorruptBlobError(
+                f"shard {location} is missing", location=location, expected_hash=None, found_hash=None
+            ) from None
+
+    def hash_file(self, location: str, algo: str = HASH_ALGO,
+                  progress: HashProgress | None = None) -> tuple[str, int]:
         hasher, size = new_hasher(algo), 0
         buffer = bytearray(_HASH_CHUNK)
         view = memoryview(buffer)
@@ -281,6 +364,8 @@ class LocalBlobStore(BlobStore):
             while count := fh.readinto(buffer):
                 hasher.update(view[:count])  # xxhash releases the GIL while hashing
                 size += count
+                if progress is not None:
+                    progress(size)
         return format_hash(hasher, algo), size
 
     def exists(self, location: str) -> bool:
@@ -317,10 +402,12 @@ class LocalBlobStore(BlobStore):
 class AtomicFile(BlobWriter):
     """Write-then-rename file with a running content hash (use as a context manager).
 
-    Writes go straight to the file descriptor (no Python-side buffer: a checkpoint's
-    buffers are large) and :meth:`writev` gathers many small buffers into one system
-    call. On a clean close: one ``fsync`` of the file, the rename, one ``fsync`` of the
-    directory — with a crash point after each step.
+    Bytes go to the disk with ``O_DIRECT`` through an aligned bounce buffer
+    (:mod:`ledger.direct_io`: new files written through the page cache are several times
+    slower here), or, where the file system refuses direct I/O, straight to the file
+    descriptor (no Python-side buffer), many small buffers gathered per ``writev``. On a
+    clean close: one ``fsync`` of the file, the rename, one ``fsync`` of the directory —
+    with a crash point after each step.
     """
 
     def __init__(self, final: Path, location: str | None = None) -> None:
@@ -332,49 +419,56 @@ class AtomicFile(BlobWriter):
         final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            self._direct = open_direct(self._tmp)  # None where the file system refuses O_DIRECT
+        except OSError as err:  # the probe write failed for another reason (no space, I/O error)
+            os.close(self._fd)
+            self._tmp.unlink(missing_ok=True)
+            raise LedgerWriteError(f"could not write shard {self.final}: {err}") from err
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append bytes (hashing them on the way)."""
         view = memoryview(data).cast("B")
-        try:
-            _write_all(self._fd, view)
-        except OSError as err:
-            raise LedgerWriteError(f"could not write shard {self.final}: {err}") from err
+        self._append([view])
         self._hasher.update(view)
         self.size += len(view)
         return len(view)
 
     def writev(self, buffers: "list[bytes | bytearray | memoryview]") -> int:
-        """Append several buffers with as few ``writev`` calls as the system allows."""
-        views = [memoryview(b).cast("B") for b in buffers]
-        views = [v for v in views if len(v)]
-        total = 0
-        try:
-            for start in range(0, len(views), _IOV_MAX):
-                batch = views[start:start + _IOV_MAX]
-                expected = sum(len(v) for v in batch)
-                written = os.writev(self._fd, batch)
-                if written < expected:  # a short write: finish it buffer by buffer
-                    _finish_short_writev(self._fd, batch, written)
-                total += expected
-        except OSError as err:
-            raise LedgerWriteError(f"could not write shard {self.final}: {err}") from err
+        """Append several buffers in order (without direct I/O: as few ``writev`` calls as the system allows)."""
+        views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+        self._append(views)
         for view in views:
-            self._hasher.update(view)
+            self._hasher.update(view)  # xxhash releases the GIL
+        total = sum(len(v) for v in views)
         self.size += total
         return total
 
+    def _append(self, views: list[memoryview]) -> None:
+        try:
+            if self._direct is not None:
+                for view in views:
+                    self._direct.append(view)
+                return
+            for start in range(0, len(views), _IOV_MAX):
+                batch = views[start:start + _IOV_MAX]
+                written = os.writev(self._fd, batch)
+                if written < sum(len(v) for v in batch):  # a short write: finish it buffer by buffer
+                    _finish_short_writev(self._fd, batch, written)
+        except OSError as err:
+            raise LedgerWriteError(f"could not write shard {self.final}: {err}") from err
+
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
-            os.close(self._fd)
+            self._close_fds()
             self._tmp.unlink(missing_ok=True)
             return
-        closed = False
         try:
+            if self._direct is not None:
+                self._direct.finish(self.size)
             crash_point("blob.after_temp_write")
             os.fsync(self._fd)
-            os.close(self._fd)
-            closed = True
+            self._close_fds()
             crash_point("blob.after_fsync")
             os.replace(self._tmp, self.final)
             crash_point("blob.after_rename")
@@ -382,11 +476,18 @@ class AtomicFile(BlobWriter):
             crash_point("blob.after_dir_fsync")
         except OSError as err:
             # fsync failing is never retried hoping it worked: the pages may already be dropped.
-            if not closed:
-                os.close(self._fd)
+            self._close_fds()
             self._tmp.unlink(missing_ok=True)
             raise LedgerWriteError(f"could not durably write shard {self.final}: {err}") from err
         self.hash = format_hash(self._hasher)
+
+    def _close_fds(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -404,3 +505,28 @@ def _finish_short_writev(fd: int, batch: list[memoryview], written: int) -> None
             continue
         _write_all(fd, view[written:])
         written = 0
+
+
+def blob_store_for(url_or_path: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str]) -> BlobStore:
+    """The blob store a run uses: the run directory itself (``None``), a local directory, or any
+    fsspec URL such as ``s3://bucket/prefix`` (needs ``ckpt-ledger[s3]``).
+
+    Credentials are never part of the URL: one that embeds them is refused (``ValueError``);
+    endpoint and keys come from the standard places (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, fsspec's config).
+    """
+    if url_or_path is None or str(url_or_path) == "":
+        return LocalBlobStore(run_dir)
+    text = os.fspath(url_or_path)
+    if "://" not in text:
+        store = LocalBlobStore(Path(text).expanduser())
+        store.url = text
+        return store
+    from ledger.blobs_remote import FsspecBlobStore, check_blob_url  # fsspec is an optional extra
+
+    url = check_blob_url(text)
+    if url.startswith("file://"):
+        store = LocalBlobStore(Path(url[len("file://"):]))
+        store.url = url
+        return store
+    return FsspecBlobStore(url)

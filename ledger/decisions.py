@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ledger import lineage
 from ledger.projection import CheckpointState, State
 
 DEFAULT_BEST_METRIC = "eval_loss"
@@ -32,22 +33,29 @@ class BestRule:
         return cls(metric=str(config.get("best_metric", DEFAULT_BEST_METRIC)), mode=str(config.get("best_mode", DEFAULT_BEST_MODE)))
 
 
+def usable_on_branch(state: State) -> list[CheckpointState]:
+    """Usable checkpoints on the current branch (see :mod:`ledger.lineage`), in start order."""
+    branch = lineage.current_branch(state)
+    return [c for c in state.checkpoints.values() if c.usable and (branch is None or c.checkpoint_id in branch)]
+
+
 def resume_candidates(state: State) -> list[CheckpointState]:
-    """Usable checkpoints, best resume choice first: highest step, then latest commit."""
-    usable = [c for c in state.checkpoints.values() if c.usable]
-    return sorted(usable, key=lambda c: (c.step, c.committed_seq or 0), reverse=True)
+    """Usable checkpoints on the current branch, best resume choice first: highest step, then latest commit.
+
+    Falling back past the first one walks back along the branch's ancestors, never onto another branch.
+    """
+    return sorted(usable_on_branch(state), key=lambda c: (c.step, c.committed_seq or 0), reverse=True)
 
 
 def resume_target(state: State) -> CheckpointState | None:
-    """What a restart loads: the highest-step committed checkpoint not deleted and not known corrupt."""
+    """What a restart loads: the newest (highest-step) usable checkpoint on the current branch."""
     candidates = resume_candidates(state)
     return candidates[0] if candidates else None
 
 
 def latest(state: State) -> CheckpointState | None:
-    """The most recently committed usable checkpoint (by log sequence)."""
-    usable = [c for c in state.checkpoints.values() if c.usable]
-    return max(usable, key=lambda c: c.committed_seq or 0, default=None)
+    """The head of the current branch: its most recently committed usable checkpoint (by log sequence)."""
+    return max(usable_on_branch(state), key=lambda c: c.committed_seq or 0, default=None)
 
 
 def metric_of(state: State, ckpt: CheckpointState, metric: str) -> float | None:
@@ -108,3 +116,20 @@ def protected(state: State, rule: BestRule | None = None) -> dict[str, str]:
     if (top := best(state, rule)) is not None:
         keep.setdefault(top[0].checkpoint_id, "best")
     return keep
+
+
+#: Aliases the ledger itself maintains; every other name is a user's (``ckpt-ledger alias``).
+SYSTEM_ALIASES = ("latest", "best")
+
+
+def alias_updates(wanted: dict[str, CheckpointState | None], recorded: dict[str, str]
+                  ) -> list[tuple[str, CheckpointState | None]]:
+    """``(alias, checkpoint or None)`` for each system alias whose recorded ``alias.promoted`` no longer
+    matches the decision in ``wanted`` (``None``: remove it). Writers append these so that
+    ``replay --kind alias.promoted`` shows the history; decisions never read them back."""
+    updates = []
+    for alias in SYSTEM_ALIASES:
+        target = wanted.get(alias)
+        if (target.checkpoint_id if target is not None else None) != recorded.get(alias):
+            updates.append((alias, target))
+    return updates

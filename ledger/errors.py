@@ -68,5 +68,9 @@ class LedgerWriteError(LedgerError, OSError):
     """The ledger could not be written (disk full, I/O error, read-only file system)."""
 
 
+class BlobStoreError(LedgerError, OSError):
+    """The blob store could not be reached or answered with an error (not a verdict on a blob's content)."""
+
+
 class LedgerUnavailableError(LedgerError, ConnectionError):
     """The ledger's database server could not be reached, refused the connection, or went away mid-run."""

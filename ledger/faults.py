@@ -20,6 +20,7 @@ CRASH_POINTS: dict[str, str] = {
     "blob.after_fsync": "temp file fsynced, not yet renamed into place",
     "blob.after_rename": "shard renamed into place, directory not yet fsynced",
     "blob.after_dir_fsync": "shard durable under its final name, not yet recorded",
+    # PostgreSQL backend only (tests/test_postgres_ledger.py drives it; the SQLite writer never reaches it):
     "store.before_commit": "inside a PostgreSQL append: events inserted, the transaction not yet committed",
     "ledger.after_shard_written": "shard.written appended for one shard",
     "ledger.before_commit": "all shards recorded, checkpoint.committed not yet appended",

@@ -16,19 +16,17 @@ attempt has not ended and its checkpoint is not finished) is never a stray.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from ledger import retention
+from ledger.blobs import parse_location
 from ledger.projection import State
 
 if TYPE_CHECKING:
     from ledger.ledger import Ledger
 
-# blobs/<checkpoint id>/e<epoch>/<file>, as BlobStore.checkpoint_dir lays them out.
-_BLOB_PATH = re.compile(r"^blobs/(?P<cid>[^/]+)/e(?P<epoch>\d+)/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +36,8 @@ class StrayFile:
     location: str
     checkpoint_id: str | None
     reason: str
+    upload: bool = False
+    """An unfinished multipart upload (invisible, but holding storage): gc aborts it."""
 
 
 def _is_temp(location: str) -> bool:
@@ -74,9 +74,9 @@ def stray_files(state: State, listing: Iterable[str]) -> list[StrayFile]:
             owner[shard.location] = ckpt
     strays = []
     for location in sorted(listing):
-        match = _BLOB_PATH.match(location)
-        cid = match["cid"] if match else None
-        epoch = int(match["epoch"]) if match else None
+        match = parse_location(location)
+        cid = match.checkpoint_id if match else None
+        epoch = match.epoch if match else None
         recorded = owner.get(location)
         if recorded is not None:
             if recorded.status == "deleted":
@@ -100,6 +100,23 @@ def stray_files(state: State, listing: Iterable[str]) -> list[StrayFile]:
     return strays
 
 
+def stray_uploads(state: State, uploads: Iterable[str]) -> list[StrayFile]:
+    """The unfinished uploads (their locations) that no live save may still complete. Pure.
+
+    An upload is never visible as a blob, so nothing recorded can depend on it: once its
+    attempt is over (or its checkpoint ended), it is the leftover of a killed writer.
+    """
+    strays = []
+    for location in sorted(set(uploads)):
+        match = parse_location(location)
+        cid = match.checkpoint_id if match else None
+        if may_be_in_progress(state, cid, match.epoch if match else None):
+            continue
+        strays.append(StrayFile(location, cid, f"unfinished upload of a writer that stopped"
+                                f"{f' (attempt {match.epoch})' if match else ''}; never visible", upload=True))
+    return strays
+
+
 @dataclass(frozen=True, slots=True)
 class GcPlan:
     """Everything one ``gc`` would remove, and why."""
@@ -118,9 +135,11 @@ class GcPlan:
 def plan_gc(led: "Ledger", policy: retention.RetentionPolicy) -> GcPlan:
     """Plan a gc of ``led``'s run (works on a read-only ledger; changes nothing)."""
     listing = list(led.blobs.list_files())  # before projecting: see stray_files
+    uploads = led.blobs.unfinished_uploads()
     view = led.projection()
     return GcPlan(policy=policy, deletions=retention.plan(view.state, policy, view.best_rule, now=time.time()),
-                  strays=stray_files(view.state, listing), seq=view.seq)
+                  strays=stray_files(view.state, listing) + stray_uploads(view.state, uploads),
+                  seq=view.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,5 +158,30 @@ def execute_gc(led: "Ledger", plan: GcPlan) -> GcResult:
     """
     deleted = led.apply_retention(plan.policy, epoch=None) if plan.deletions else []
     for stray in plan.strays:
-        led.blobs.delete(stray.location)
+        if stray.upload:
+            led.blobs.abort_uploads(stray.location)
+        else:
+            led.blobs.delete(stray.location)
     return GcResult(deletions=deleted, removed=list(plan.strays))
+
+
+def _epoch_of(location: str) -> int | None:
+    parsed = parse_location(location)
+    return parsed.epoch if parsed is not None else None
+
+
+def retention_pass(led: "Ledger", policy: retention.RetentionPolicy, *, epoch: int) -> GcResult:
+    """An attempt's retention pass after each commit: the policy, plus what older attempts left behind.
+
+    Torn and aborted saves are deleted even with no policy set, and stray files under the
+    directories of *older* epochs (a fenced job's unrecorded files, a dead attempt's temp
+    files) are removed: a run does not wait for an operator's ``gc`` to be clean. Files of
+    this attempt's own epoch are never touched here. The listing is taken after retention and
+    before the projection that judges it, as in :func:`plan_gc`.
+    """
+    deleted = led.apply_retention(policy, epoch=epoch)
+    listing = [loc for loc in led.blobs.list_files() if (e := _epoch_of(loc)) is not None and e < epoch]
+    strays = stray_files(led.projection().state, listing)
+    for stray in strays:
+        led.blobs.delete(stray.location)
+    return GcResult(deletions=deleted, removed=strays)

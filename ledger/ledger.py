@@ -10,16 +10,19 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from ledger import retention
-from ledger.blobs import LocalBlobStore
-from ledger.decisions import BestRule
-from ledger.errors import CorruptBlobError, DuplicateCheckpointError, IncompleteCheckpointError, LedgerError
+from ledger.blobs import BlobStore, blob_store_for
+from ledger.decisions import BestRule, alias_updates
+from ledger.errors import CorruptBlobError, DuplicateCheckpointError, FencedError, IncompleteCheckpointError, LedgerError
 from ledger.events import (
+    AliasPromoted,
+    AliasRemoved,
     AttemptStarted,
     CheckpointAborted,
     CheckpointCommitted,
     CheckpointStarted,
     CorruptionDetected,
     Event,
+    MetricRecorded,
     RunStarted,
     ShardWritten,
 )
@@ -73,12 +76,17 @@ class Attempt:
 class Ledger:
     """One run's ledger. Open with :meth:`open`; writers and read-only readers share this API."""
 
-    def __init__(self, run_dir: Path | PostgresRun, store: LedgerStore, read_only: bool) -> None:
+    promote_aliases: bool = True
+    """Append ``alias.promoted`` when ``latest``/``best`` move (after a commit, a metric, a new attempt or
+    a corruption report). Tests that need an exact event sequence may turn it off on an instance."""
+
+    def __init__(self, run_dir: Path | PostgresRun, store: LedgerStore, read_only: bool,
+                 blobs: BlobStore | None = None) -> None:
         self.run_dir = run_dir
         self.read_only = read_only
         self._store = store
-        # A PostgreSQL run has no directory: its blobs are where run.started.blobs says (--blobs).
-        self.blobs = LocalBlobStore(run_dir) if isinstance(run_dir, Path) else None
+        # Where the shards are: found from run.started.blobs on first use (see ``blobs``).
+        self._blobs = blobs
         # Writers fold every append into the read model inside its transaction (ledger/read_model.py).
         self._folder = None if read_only else ReadModelFolder()
         self._snapshot_seq: int | None = None  # seq covered by the newest stored snapshot (writers)
@@ -88,14 +96,31 @@ class Ledger:
             self._rebuild_read_model_if_stale()
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike[str] | PostgresRun, *, read_only: bool = False) -> "Ledger":
+    def open(cls, run_dir: str | os.PathLike[str] | PostgresRun, *, read_only: bool = False,
+             blobs: BlobStore | None = None) -> "Ledger":
         """Open ``RUN_DIR/ledger.db``, or a run in a PostgreSQL database (``postgresql://…/DB?run=NAME``).
 
         Writers create the ledger (a PostgreSQL schema and run row) if missing; read-only
-        never creates or changes anything.
+        never creates or changes anything. ``blobs``: where the shards are; by default the
+        store ``run.started`` recorded (the run directory when it recorded none).
         """
         address = parse_run_address(run_dir)
-        return cls(address, open_store(address, read_only=read_only), read_only)
+        return cls(address, open_store(address, read_only=read_only), read_only, blobs)
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The run's blob store, found from ``run.started.blobs`` on first use (so a command that
+        never touches a blob never connects to a remote store)."""
+        if self._blobs is None:
+            started = self.events(tags=["run.started"])
+            url = started[0].event.blobs if started else None  # type: ignore[attr-defined]
+            if url is None and not isinstance(self.run_dir, Path):
+                raise LedgerError(f"run {self.run_dir} is in a database and recorded no blob store; start it with "
+                                  "--blobs DIR|URL (a PostgreSQL run has no directory to keep shards in)")
+            if not started:
+                return blob_store_for(None, self.run_dir)  # not cached: start_run may still record one
+            self._blobs = blob_store_for(url, self.run_dir)
+        return self._blobs
 
     @property
     def path(self) -> Path:
@@ -201,10 +226,17 @@ class Ledger:
         self._snapshot_if_far()
         return seqs
 
-    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None) -> RunStarted:
-        """Record the run's identity once; later calls return the stored ``run.started``."""
-        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id),
-                    event_id="run.started")
+    def start_run(self, *, run_id: str, config: dict[str, Any], config_hash: str = "", code_id: str | None = None,
+                  blobs: str | None = None, ledger_version: str | None = None) -> RunStarted:
+        """Record the run's identity once; later calls return the stored ``run.started``.
+
+        ``code_id``: the user's code; ``blobs``: the blob store URL or directory (never with credentials;
+        ``None``: the run directory); ``ledger_version``: the ckpt-ledger that wrote it.
+        """
+        if blobs is not None:
+            blob_store_for(blobs, self.run_dir)  # refuses a URL with credentials before it is recorded
+        self.append(RunStarted(run_id=run_id, config=config, config_hash=config_hash, code_id=code_id, blobs=blobs,
+                               ledger_version=ledger_version), event_id="run.started")
         (stored,) = self._read(lambda reader: list(reader.events(tags=["run.started"], limit=1)))
         return stored.event  # type: ignore[return-value]
 
@@ -230,6 +262,7 @@ class Ledger:
             )
 
         epoch, seq = self._writer().begin_epoch(make, maintainer=self._folder)
+        self._promote_aliases(epoch)  # an explicit resume moves the branch, and latest with it
         return Attempt(epoch=epoch, seq=seq, event=make(epoch))
 
     # -- two-phase checkpoint protocol -------------------------------------------------------
@@ -274,6 +307,8 @@ class Ledger:
         The check runs inside the commit's own transaction, so nothing (an abort, a
         newer attempt) can slip in between the check and the commit.
         """
+        blobs = self.blobs if verify else None  # resolved outside the transaction: it may read the log
+
         def make_commit(about: Sequence[StoredEvent]) -> CheckpointCommitted:
             started, started_epoch, shards, ended = None, None, {}, None
             for stored in about:
@@ -298,15 +333,16 @@ class Ledger:
                 raise IncompleteCheckpointError(
                     f"cannot commit {checkpoint_id}: no shard recorded for rank(s) {missing}; abort it instead"
                 )
-            if verify:
+            if blobs is not None:
                 for shard in shards.values():
-                    self.blobs.verify(shard.location, shard.hash, shard.bytes)
+                    blobs.verify(shard.location, shard.hash, shard.bytes)
             return CheckpointCommitted(checkpoint_id=checkpoint_id, step=started.step)
 
         crash_point("ledger.before_commit")
         seq = self._writer().append_checked(make_commit, checkpoint_id=checkpoint_id, epoch=epoch,
                                             event_id=f"{checkpoint_id}:committed", maintainer=self._folder)
         crash_point("ledger.after_commit")
+        self._promote_aliases(epoch)
         return seq
 
     def abort_checkpoint(self, checkpoint_id: str, reason: str, *, epoch: int | None) -> int:
@@ -317,8 +353,39 @@ class Ledger:
     def report_corruption(self, checkpoint_id: str, location: str, expected_hash: str | None,
                           found_hash: str | None, *, epoch: int | None) -> int:
         """Record that a shard failed verification (the checkpoint is never loaded again)."""
-        return self.append(CorruptionDetected(checkpoint_id=checkpoint_id, location=location,
-                                              expected_hash=expected_hash, found_hash=found_hash), epoch=epoch)
+        seq = self.append(CorruptionDetected(checkpoint_id=checkpoint_id, location=location,
+                                             expected_hash=expected_hash, found_hash=found_hash), epoch=epoch)
+        self._promote_aliases(epoch)
+        return seq
+
+    def record_metric(self, name: str, value: float, step: int, checkpoint_id: str | None, *, epoch: int | None) -> int:
+        """Record a measured metric (e.g. ``eval_loss``), possibly long after its checkpoint; ``best`` may move."""
+        seq = self.append(MetricRecorded(name=name, value=value, step=step, checkpoint_id=checkpoint_id), epoch=epoch)
+        self._promote_aliases(epoch)
+        return seq
+
+    def _promote_aliases(self, epoch: int | None) -> None:
+        """Append ``alias.promoted``/``alias.removed`` for ``latest``/``best`` if they moved (history for people:
+        decisions are made from the projection, never from these events)."""
+        if not self.promote_aliases:
+            return
+        view = self.projection()  # the read model answers latest/best/aliases without folding the state
+        rule, best = view.best_rule, view.best
+        events: list[Event] = []
+        wanted = {"latest": view.latest, "best": best.checkpoint if best is not None else None}
+        for alias, target in alias_updates(wanted, view.aliases):
+            if target is None:
+                events.append(AliasRemoved(alias=alias, reason="no usable checkpoint on the current branch"
+                                           if alias == "latest" else f"no usable checkpoint has {rule.metric}"))
+            else:
+                why = ("head of the current branch" if alias == "latest" or best is None
+                       else f"{rule.mode} {rule.metric} = {best.value:.6g}")
+                events.append(AliasPromoted(alias=alias, checkpoint_id=target.checkpoint_id, reason=why))
+        if events:
+            try:
+                self.append_many(events, epoch=epoch)
+            except FencedError:
+                pass  # a newer attempt owns the run; it records the aliases it moves
 
     def verify_checkpoint(self, checkpoint_id: str) -> None:
         """Re-hash every shard of a checkpoint; raises :class:`CorruptBlobError` on the first bad one."""

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgspec
 
 from ledger.events import (
     AliasPromoted,
+    AliasRemoved,
     AttemptEnded,
     AttemptStarted,
     CheckpointAborted,
@@ -40,7 +42,9 @@ from ledger.events import (
 )
 
 #: Bump when the state layout or fold rules change: older snapshots are then ignored.
-PROJECTION_VERSION = 2
+#: 2: ``CheckpointState.committed_at``. 3: lineage (``CheckpointState.parent``,
+#: ``AttemptState.head``/``fenced_by``), alias removal, ``RunInfo.ledger_version``.
+PROJECTION_VERSION = 3
 
 
 class RunInfo(msgspec.Struct, kw_only=True):
@@ -50,6 +54,7 @@ class RunInfo(msgspec.Struct, kw_only=True):
     config: dict[str, Any]
     config_hash: str
     code_id: str | None
+    ledger_version: str | None = None
 
 
 class ShardState(msgspec.Struct, kw_only=True):
@@ -84,6 +89,9 @@ class CheckpointState(msgspec.Struct, kw_only=True):
     pinned: bool = False
     corrupt_locations: list[str] = []
     metrics: dict[str, float] = {}
+    parent: str | None = None
+    """The checkpoint this one's weights descend from: its attempt's previous (not aborted) checkpoint,
+    or the checkpoint the attempt resumed from; ``None`` for a run's first checkpoint (a root)."""
 
     @property
     def bytes(self) -> int:
@@ -121,6 +129,10 @@ class AttemptState(msgspec.Struct, kw_only=True):
     steps_run: int = 0
     steps_lost: int = 0
     preempted_by: str | None = None
+    head: str | None = None
+    """The attempt's newest checkpoint not aborted (at first the one it resumed from): the parent of its next."""
+    fenced_by: int | None = None
+    """The epoch that fenced this attempt (status ``fenced``), when the log says so."""
 
 
 class State(msgspec.Struct, kw_only=True):
@@ -205,7 +217,10 @@ def _on_checkpoint_started(state: State, event: CheckpointStarted, seq: int, epo
             world_size=event.world_size,
             stack=event.stack,
             topology=dict(event.topology),
+            parent=attempt.head if attempt is not None else None,
         )
+        if attempt is not None:
+            attempt.head = event.checkpoint_id
 
 
 def _on_committed(state: State, event: CheckpointCommitted, seq: int, epoch: int, recorded_at: float,
@@ -226,6 +241,10 @@ def _on_aborted(state: State, event: CheckpointAborted, seq: int, epoch: int, re
     if ckpt is not None:
         if ckpt.status == "in_flight":
             ckpt.status = "aborted"
+            # An aborted save holds no weights: the attempt's next checkpoint descends from its parent.
+            owner = state.attempts.get(ckpt.epoch)
+            if owner is not None and owner.head == ckpt.checkpoint_id:
+                owner.head = ckpt.parent
         ckpt.abort_reason = event.reason
 
 
@@ -242,6 +261,12 @@ def _on_alias(state: State, event: AliasPromoted, seq: int, epoch: int, recorded
               attempt: AttemptState | None) -> None:
     if _checkpoint(state, seq, event.checkpoint_id, f"alias {event.alias}") is not None:
         state.aliases[event.alias] = event.checkpoint_id
+
+
+def _on_alias_removed(state: State, event: AliasRemoved, seq: int, epoch: int, recorded_at: float,
+                      attempt: AttemptState | None) -> None:
+    if state.aliases.pop(event.alias, None) is None:
+        _anomaly(state, seq, f"alias {event.alias} removed but it pointed at nothing")
 
 
 def _on_pin(state: State, event: CheckpointPinned | CheckpointUnpinned, seq: int, epoch: int, recorded_at: float,
@@ -292,6 +317,13 @@ def _on_attempt_ended(state: State, event: AttemptEnded, seq: int, epoch: int, r
         ended.ended_seq = seq
         if event.last_step is not None:
             ended.last_step = event.last_step
+        if event.reason == "fenced":
+            ended.fenced_by = event.fenced_by if event.fenced_by is not None else _next_epoch(state, event.epoch)
+
+
+def _next_epoch(state: State, epoch: int) -> int | None:
+    """The first epoch begun after ``epoch``: the one that fenced it."""
+    return min((e for e in state.attempts if e > epoch), default=None)
 
 
 def _on_preemption(state: State, event: PreemptionSignalled, seq: int, epoch: int, recorded_at: float,
@@ -304,7 +336,8 @@ def _on_run_started(state: State, event: RunStarted, seq: int, epoch: int, recor
                     attempt: AttemptState | None) -> None:
     if state.run is None:
         state.run = RunInfo(
-            run_id=event.run_id, config=dict(event.config), config_hash=event.config_hash, code_id=event.code_id
+            run_id=event.run_id, config=dict(event.config), config_hash=event.config_hash, code_id=event.code_id,
+            ledger_version=event.ledger_version,
         )
     else:
         _anomaly(state, seq, "run.started appended twice")
@@ -357,6 +390,7 @@ def _apply_attempt_started(state: State, event: AttemptStarted, seq: int, record
         previous_topology=event.previous_topology,
         first_step=first_step,
         last_seq=seq,
+        head=event.resumed_from if resumed_ckpt is not None else None,
     )
     state.current_epoch = max(state.current_epoch, event.epoch)
     if state.last_step is not None or resumed_ckpt is not None:
@@ -373,6 +407,7 @@ _HANDLERS: dict[type, Callable[..., None]] = {
     CheckpointAborted: _on_aborted,
     MetricRecorded: _on_metric,
     AliasPromoted: _on_alias,
+    AliasRemoved: _on_alias_removed,
     CheckpointPinned: _on_pin,
     CheckpointUnpinned: _on_pin,
     CheckpointDeletionRequested: _on_deletion_requested,
@@ -433,7 +468,14 @@ def _gc_paused() -> Iterator[None]:
     with the collector running, its generation scans cost ~30% of a replay and up to
     half of a large snapshot's decode. Reference counting still frees every event as
     soon as it is folded.
+
+    Only on the main thread: the collector is process-wide, and a background thread (the
+    trainer's checkpoint writer applying retention) must not switch it off under the
+    user's code.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     was_enabled = gc.isenabled()
     gc.disable()
     try:

@@ -46,7 +46,7 @@ _DECISION_NEUTRAL = frozenset({"step.completed", "preemption.signalled"})
 #: Events whose fold touches only the checkpoint they name (plus decisions and the sender's attempt row).
 _CHECKPOINT_LOCAL = frozenset({
     "checkpoint.started", "shard.written", "checkpoint.committed", "checkpoint.aborted", "metric.recorded",
-    "alias.promoted", "checkpoint.pinned", "checkpoint.unpinned", "checkpoint.deletion_requested",
+    "alias.promoted", "alias.removed", "checkpoint.pinned", "checkpoint.unpinned", "checkpoint.deletion_requested",
     "checkpoint.deleted", "corruption.detected",
 })
 
@@ -191,7 +191,8 @@ class ReadModelFolder:
         checkpoints = view.checkpoints
         cids: Iterable[str] = touched if local else checkpoints
         attempts = {a.epoch: a for a in view.attempts}
-        if not local or "attempt.started" in tags or "attempt.ended" in tags:
+        # An abort moves its attempt's lineage head back, and an operator may send it: rewrite every attempt.
+        if not local or tags & {"attempt.started", "attempt.ended", "checkpoint.aborted"}:
             epochs = set(attempts)
         self._summary = summarize(state, self._summary if tags <= _DECISION_NEUTRAL else None)
         facts = {"summary": _encode(self._summary)}
@@ -296,6 +297,10 @@ class ReadModelView(View):
     @property
     def last_step(self) -> int | None:
         return self._summary.last_step
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return dict(self._summary.aliases)
 
     @property
     def goodput(self) -> float:

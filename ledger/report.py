@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ledger import lineage
 from ledger.projection import AttemptState, CheckpointState
 
 if TYPE_CHECKING:
@@ -15,8 +16,8 @@ def checkpoint_ref(ckpt: CheckpointState | None) -> dict[str, Any] | None:
     return None if ckpt is None else {"checkpoint_id": ckpt.checkpoint_id, "step": ckpt.step}
 
 
-def checkpoint_to_dict(ckpt: CheckpointState) -> dict[str, Any]:
-    """One entry of ``checkpoints`` in ``inspect --json``."""
+def checkpoint_to_dict(ckpt: CheckpointState, on_current_branch: bool = True) -> dict[str, Any]:
+    """One entry of ``checkpoints`` in ``inspect --json`` (``on_current_branch``: see :mod:`ledger.lineage`)."""
     return {
         "checkpoint_id": ckpt.checkpoint_id,
         "step": ckpt.step,
@@ -32,6 +33,8 @@ def checkpoint_to_dict(ckpt: CheckpointState) -> dict[str, Any]:
         "deletion_done": ckpt.deletion_done,
         "abort_reason": ckpt.abort_reason,
         "metrics": ckpt.metrics,
+        "parent": ckpt.parent,
+        "on_current_branch": on_current_branch,
     }
 
 
@@ -55,6 +58,7 @@ def attempt_to_dict(attempt: AttemptState) -> dict[str, Any]:
         "host": attempt.host,
         "slurm": attempt.slurm,
         "preempted_by": attempt.preempted_by,
+        "fenced_by": attempt.fenced_by,
     }
 
 
@@ -62,17 +66,21 @@ def view_to_dict(view: "View") -> dict[str, Any]:
     """The JSON object printed by ``ckpt-ledger inspect --json``."""
     run = view.run
     best = view.best
+    branch = lineage.current_branch(view.state)
     return {
         "seq": view.seq,
         "run_id": run.run_id if run else None,
         "config_hash": run.config_hash if run else None,
         "code_id": run.code_id if run else None,
+        "ledger_version": run.ledger_version if run else None,
         "latest": checkpoint_ref(view.latest),
         "best": None if best is None else {**checkpoint_ref(best.checkpoint), "metric": best.metric, "value": best.value},
         "resume": checkpoint_ref(view.resume),
         "last_step": view.last_step,
         "attempts": [attempt_to_dict(a) for a in view.attempts],
-        "checkpoints": [checkpoint_to_dict(c) for c in view.checkpoints.values()],
+        "checkpoints": [checkpoint_to_dict(c, lineage.on_current_branch(view.state, c, branch))
+                        for c in view.checkpoints.values()],
+        "aliases": view.aliases,
         "goodput": view.goodput,
         "steps_run": view.state.steps_run,
         "steps_lost": view.state.steps_lost,

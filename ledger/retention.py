@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ledger import decisions
+from ledger import decisions, lineage
 from ledger.faults import crash_point
 from ledger.projection import State
 from ledger.time_retention import format_duration, parse_duration, time_keeps
@@ -36,9 +36,9 @@ class RetentionPolicy:
     """
 
     keep_last: int | None = None
-    """Keep the K highest-step committed checkpoints."""
+    """Keep the K highest-step committed checkpoints of the current branch."""
     keep_every: int | None = None
-    """Keep checkpoints whose step is a multiple of N (archival)."""
+    """Keep checkpoints of the current branch whose step is a multiple of N (archival)."""
     keep_best: int | None = None
     """Keep the K best checkpoints by the run's metric rule."""
     keep_every_seconds: float | None = None
@@ -113,18 +113,23 @@ def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None 
             deletions.append(_deletion(ckpt, f"finish interrupted deletion ({ckpt.deletion_reason or 'no reason'})"))
         elif decisions.is_torn(state, ckpt) and ckpt.checkpoint_id not in keep:  # a pin or user alias still keeps it
             deletions.append(_deletion(ckpt, f"torn save of attempt {ckpt.epoch}: never committed"))
-        elif ckpt.status == "aborted" and ckpt.checkpoint_id not in keep:
-            # Without this an aborted save's recorded shards would stay on disk forever.
+        elif ckpt.status == "aborted" and ckpt.shards and ckpt.checkpoint_id not in keep:
+            # Without this an aborted save's recorded shards would stay on disk forever (one with
+            # none recorded has nothing to delete: it stays "aborted" in the record).
             deletions.append(_deletion(ckpt, f"aborted ({ckpt.abort_reason or 'no reason'}): never committed"))
     if not policy.active:
         return deletions
     committed = [c for c in state.checkpoints.values() if c.status in ("committed", "corrupt") and not c.deletion_requested]
     by_step = sorted(committed, key=lambda c: (c.step, c.committed_seq or 0), reverse=True)
+    # keep-last and keep-every count along the current branch only; an abandoned branch is
+    # kept by pins, aliases, best or keep-best (see ledger.lineage).
+    branch = lineage.current_branch(state)
+    on_branch = [c for c in by_step if branch is None or c.checkpoint_id in branch]
     if policy.keep_last is not None:
-        for ckpt in by_step[: policy.keep_last]:
+        for ckpt in on_branch[: policy.keep_last]:
             keep.setdefault(ckpt.checkpoint_id, f"keep-last {policy.keep_last}")
     if policy.keep_every is not None:
-        for ckpt in committed:
+        for ckpt in on_branch:
             if ckpt.step % policy.keep_every == 0:
                 keep.setdefault(ckpt.checkpoint_id, f"keep-every {policy.keep_every}")
     unscored: set[str] = set()
@@ -145,6 +150,8 @@ def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None 
         if ckpt.checkpoint_id not in keep:
             if ckpt.status == "corrupt":
                 why = "corrupt and not kept"
+            elif branch is not None and ckpt.checkpoint_id not in branch:
+                why = lineage.abandoned_reason(state, ckpt)
             elif ckpt.checkpoint_id in unscored:
                 why = f"not kept by policy ({policy.describe()}); has no {(rule or decisions.BestRule.of(state)).metric}, so keep-best cannot rank it"
             else:

@@ -80,6 +80,11 @@ class View:
         return BestCheckpoint(found[0], self._rule.metric, found[1]) if found else None
 
     @property
+    def aliases(self) -> dict[str, str]:
+        """Every alias (``latest``/``best`` as last recorded, and user names) -> checkpoint id."""
+        return dict(self._state.aliases)
+
+    @property
     def best_rule(self) -> decisions.BestRule:
         return self._rule
 

@@ -79,6 +79,27 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ANN0
         Path(out).write_text("".join(f"{k}\t{v}\n" for k, v in sorted(_CRASHES.items())) + f"total\t{total}\n")
 
 
+# -- a real S3-compatible server (SeaweedFS) for the object-storage tests -------------------
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS ``weed server -s3`` on loopback for the session (tests use fresh buckets)."""
+    from s3_server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 endpoint and credentials in the standard environment variables; ``s3://BUCKET`` URL prefix."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{s3_server.new_bucket()}"
+
 # -- a real PostgreSQL server (tests/pg_server.py) -------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -71,3 +71,27 @@ def test_empty_run_still_draws(tmp_path):
     out = tmp_path / "empty.svg"
     assert invoke("timeline", tmp_path / "run", "--out", out).exit_code == 0
     assert ET.parse(out).getroot().tag.endswith("svg")
+
+
+def test_timeline_shows_the_tree_fenced_attempts_and_the_wall_clock(tmp_path):
+    from runs import cid_for, save_checkpoint, start, train_steps
+
+    from ledger.events import AttemptEnded
+
+    run_dir = tmp_path / "run"
+    led = start(run_dir)
+    a = led.begin_attempt().epoch
+    for step in (10, 20, 30):
+        train_steps(led, a, step - 9, step)
+        save_checkpoint(led, a, step)
+    b = led.begin_attempt(resumed_from=cid_for(10, a)).epoch  # an explicit branch from 10: fences a
+    led.append(AttemptEnded(epoch=a, reason="fenced", last_step=30, fenced_by=b), epoch=None)
+    train_steps(led, b, 11, 25)
+    save_checkpoint(led, b, 20)
+    led.close()
+    out = tmp_path / "t.svg"
+    assert invoke("timeline", run_dir, "--out", out).exit_code == 0
+    svg = out.read_text()
+    assert f'id="lineage-e{b}-from-{cid_for(10, a)}"' in svg
+    assert 'id="wall-clock"' in svg
+    assert f"fenced by epoch {b}" in svg and "abandoned branch" in svg and "resumed from" in svg

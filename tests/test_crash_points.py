@@ -57,7 +57,7 @@ def check_invariants(run_dir: Path, acks: dict[int, str]) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("point", sorted(p for p in CRASH_POINTS if not p.startswith("trainer.")))
+@pytest.mark.parametrize("point", sorted(p for p in CRASH_POINTS if not p.startswith(("trainer.", "store."))))
 @pytest.mark.parametrize("occurrence", [1, 3])
 def test_crash_then_recover(tmp_path, point, occurrence, crash_counter):
     run_dir = tmp_path / "run"

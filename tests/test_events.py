@@ -31,6 +31,7 @@ SAMPLES = {
     "checkpoint.aborted": event_types.CheckpointAborted(checkpoint_id="c1", reason="rank 1 died"),
     "metric.recorded": event_types.MetricRecorded(name="eval_loss", value=-0.5, step=7, checkpoint_id="c1"),
     "alias.promoted": event_types.AliasPromoted(alias="golden", checkpoint_id="c1", reason="user"),
+    "alias.removed": event_types.AliasRemoved(alias="golden", reason="user"),
     "checkpoint.pinned": event_types.CheckpointPinned(checkpoint_id="c1"),
     "checkpoint.unpinned": event_types.CheckpointUnpinned(checkpoint_id="c1"),
     "checkpoint.deletion_requested": event_types.CheckpointDeletionRequested(checkpoint_id="c1", reason="keep-last 1"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import socket
 import signal
 import subprocess
 import sys
@@ -197,3 +199,38 @@ def test_missing_transformers_names_the_extra_to_install(monkeypatch: pytest.Mon
     with pytest.raises(MissingFrameworkError) as err:
         importlib.import_module("trainer.integrations.transformers")
     assert str(err.value) == "transformers is not installed; install it with: pip install 'ckpt-ledger[transformers]'"
+
+
+# -- DDP: two CPU processes under torchrun (gloo) ----------------------------------------------------
+
+def torchrun_example(run_dir: Path, steps: int) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         str(EXAMPLE), "--run-dir", str(run_dir), "--steps", str(steps), "--save-steps", "10"],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"},
+    )
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_ddp_two_cpu_processes_record_every_rank_file_and_resume(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = torchrun_example(run_dir, 20)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = torchrun_example(run_dir, 30)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    view = inspect_json(run_dir)
+    assert [a["status"] for a in view["attempts"]] == ["completed", "completed"]
+    assert view["attempts"][1]["resumed_from"] == "step000020-e1"
+    assert view["attempts"][0]["job_id"] is None
+    with Ledger.open(run_dir, read_only=True) as led:
+        newest = led.projection().resume
+    names = {s.location.rsplit("/", 1)[1] for s in newest.shards}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors"} <= names  # each rank's file recorded
+    assert newest.step == 30 and newest.world_size == 2
+    audit_clean(run_dir)

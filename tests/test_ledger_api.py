@@ -107,6 +107,7 @@ def test_read_only_open_creates_nothing(tmp_path):
 
 def test_writer_snapshots_as_the_log_grows_in_small_steps(tmp_path, monkeypatch):
     import ledger.ledger as ledger_module
+    from ledger.projection import PROJECTION_VERSION
     from ledger.store import read_consistent
 
     monkeypatch.setattr(ledger_module, "SNAPSHOT_EVERY", 20)
@@ -115,7 +116,7 @@ def test_writer_snapshots_as_the_log_grows_in_small_steps(tmp_path, monkeypatch)
     for step in range(1, 50):
         led.append(StepCompleted(step=step), epoch=attempt.epoch)
         led.projection()  # a trainer projects often, folding one event at a time
-    snap = read_consistent(led.store, lambda r: r.snapshot(at_most=10**9, projection_version=1))
+    snap = read_consistent(led.store, lambda r: r.snapshot(at_most=10**9, projection_version=PROJECTION_VERSION))
     assert snap is not None and snap.seq >= 40
     led.close()
     ro = Ledger.open(tmp_path / "run", read_only=True)

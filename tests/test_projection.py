@@ -174,12 +174,12 @@ def test_time_travel(led):
     checkpoint(led, "s10", 10, a)
     seq_after_s10 = led.max_seq()
     checkpoint(led, "s20", 20, a)
-    led.report_corruption("s20", "x", None, None, epoch=a)
+    corrupt_seq = led.report_corruption("s20", "x", None, None, epoch=a)
     now = led.projection()
     then = led.projection(at=seq_after_s10)
     assert then.seq == seq_after_s10 and "s20" not in then.checkpoints
     assert then.resume.checkpoint_id == "s10" == now.resume.checkpoint_id
-    before_corruption = led.projection(at=led.max_seq() - 1)
+    before_corruption = led.projection(at=corrupt_seq - 1)
     assert before_corruption.resume.checkpoint_id == "s20"
     assert led.projection(at=0).checkpoints == {}
     assert led.projection(at=10**9).seq == now.seq

@@ -42,7 +42,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from trainer.checkpointing import Candidate
 from trainer.errors import BadInputError
-from trainer.train_state import capture_rng, from_bytes, rank_key, restore_rng, to_bytes
+from trainer.train_state import UnsafeCheckpointError, capture_rng, from_bytes, rank_key, restore_rng, to_bytes
 
 #: Names the layout itself uses; a state key may not take them.
 RESERVED_KEYS = frozenset({"trainer", "ranks", "step", "rng"})
@@ -177,8 +177,8 @@ class TrainingState:
                 io.load_state_dicts(module, optimizer, loaded[module_key], loaded[optim_key])
             else:
                 set_model_state_dict(module, loaded[module_key], options=StateDictOptions(strict=True))
-        shared = from_bytes(loaded["trainer"])
-        local = from_bytes(loaded["ranks"][rank_key(source_rank)])
+        shared = from_bytes(loaded["trainer"], "trainer")
+        local = from_bytes(loaded["ranks"][rank_key(source_rank)], f"ranks.{rank_key(source_rank)}")
         for saved, objects in ((shared, self.shared), (local, self.rank_local)):
             for key, obj in objects.items():
                 if key not in saved:
@@ -246,6 +246,9 @@ def restore_checkpoint(entries: TrainingState, io: StateDictIO, checkpointer: An
     except BadInputError:
         raise
     except (CheckpointException, KeyError, ValueError, RuntimeError) as err:
+        causes = [f[0] for f in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+        if unsafe := next((c for c in causes if isinstance(c, UnsafeCheckpointError)), None):
+            raise unsafe from None  # refused, never executed: one line, exit 1
         if not is_layout_error(err):
             raise
         if layout == (candidate.stack, candidate.world_size, candidate.topology):

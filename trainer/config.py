@@ -10,7 +10,7 @@ from ledger.run_address import parse_run_address
 #: Config fields that say *how* this process runs, not *what* experiment it is. They are
 #: left out of the canonical config (and so of the config hash) recorded in ``run.started``.
 OPERATIONAL_FIELDS = frozenset({"run_dir", "resume", "print_every", "dist_timeout_s", "async_checkpoint",
-                                "checkpoint_codec"})
+                                "checkpoint_codec", "blobs"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -59,6 +59,12 @@ class TrainerConfig:
     checkpoint_codec: str = "none"
     """How checkpoint files store each item: ``none``, ``zstd`` or ``zstd-bg`` (byte-grouped zstd,
     smaller for float weights, slower to write). Any attempt reads checkpoints of every codec."""
+
+    blobs: str | None = None
+    """Where shard blobs go: ``None`` for the run directory, a local directory, or an fsspec URL such
+    as ``s3://bucket/prefix`` (``ckpt-ledger[s3]``). Endpoint and credentials come from the
+    environment/config (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``~/.aws``), never the URL.
+    Recorded in ``run.started``; a resumed run uses the recorded place (giving another is an error)."""
 
     ckpt_every_seconds: float | None = None
     """Also commit a checkpoint once this many wall-clock seconds passed since the last one (decided on
@@ -149,6 +155,13 @@ class TrainerConfig:
         if self.checkpoint_codec not in CHECKPOINT_CODECS:
             raise ValueError(f"checkpoint_codec must be one of {', '.join(CHECKPOINT_CODECS)}, "
                              f"got {self.checkpoint_codec!r}")
+        if self.blobs is not None:
+            if not isinstance(self.blobs, str) or not self.blobs:
+                raise ValueError("blobs must be a directory or a URL such as s3://bucket/prefix")
+            if "://" in self.blobs:
+                from ledger.blobs_remote import check_blob_url
+
+                check_blob_url(self.blobs)
         if self.best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if not self.best_metric:

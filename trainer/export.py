@@ -12,6 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -22,6 +23,7 @@ from trainer.checkpoint_candidates import Candidate
 from trainer.checkpoint_storage import LedgerStorageReader
 from trainer.errors import TrainerError
 from trainer.pretrained import plain_key
+from trainer.train_state import SafeLoadPlanner
 
 FORMATS = ("torch", "safetensors")
 _MODEL_PREFIX = "model."
@@ -63,13 +65,18 @@ def consolidated_model_state(directory: str | os.PathLike[str], blobs: BlobStore
     with warnings.catch_warnings():
         # no_dist=True is the point here; DCP warns that it found no process group.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, storage_reader=LedgerStorageReader(blobs, str(directory)), no_dist=True)
+        dcp.load(state, storage_reader=LedgerStorageReader(blobs, str(directory)), no_dist=True,
+                 planner=SafeLoadPlanner())  # never runs pickled code
     return {plain_key(k): v for k, v in state["model"].items()}
 
 
 def export_model(run_dir: str | os.PathLike[str], ref: str, out: str | os.PathLike[str], *,
-                 fmt: str = "torch") -> ExportResult:
-    """Verify and consolidate checkpoint ``ref`` (``latest``, ``best`` or an id) of a run into ``out``."""
+                 fmt: str = "torch", progress: Callable[[int, int], None] | None = None) -> ExportResult:
+    """Verify and consolidate checkpoint ``ref`` (``latest``, ``best`` or an id) of a run into ``out``.
+
+    The shards are read from wherever the run keeps them (``run.started.blobs``).
+    ``progress(done, total)`` is called with the bytes verified so far.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     ledger = Ledger.open(run_dir, read_only=True)
@@ -78,11 +85,14 @@ def export_model(run_dir: str | os.PathLike[str], ref: str, out: str | os.PathLi
         raise ExportRefusedError(f"checkpoint {ckpt.checkpoint_id} (step {ckpt.step}) is {ckpt.status}"
                                  f"{' and being deleted' if ckpt.deletion_requested else ''}; export a committed one")
     candidate = Candidate.of(ckpt)
+    total, done = sum(s.bytes for s in candidate.shards), 0
     for shard in candidate.shards:
         try:
-            ledger.blobs.verify(shard.location, shard.hash, shard.bytes)
+            ledger.blobs.verify(shard.location, shard.hash, shard.bytes,
+                                progress=None if progress is None else lambda n, base=done: progress(base + n, total))
         except CorruptBlobError as err:
             raise ExportRefusedError(f"checkpoint {ckpt.checkpoint_id}: {err}; export refused") from None
+        done += shard.bytes
     try:
         directory = candidate.directory()
     except CorruptBlobError as err:

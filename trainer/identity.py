@@ -1,12 +1,19 @@
-"""Experiment identity: a hash of the canonical config and the id of the code that ran it."""
+"""Experiment identity: a hash of the canonical config, the id of the user's code that ran it, and ours.
+
+``run.started.code_id`` is the git commit of the tree holding the *user's* entry script
+(``sys.argv[0]``; ``python -m pkg`` sets it to the module's file), not of ckpt-ledger;
+``run.started.ledger_version`` names the ckpt-ledger that wrote the run.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -43,3 +50,29 @@ def code_id(path: Path = _PACKAGE_DIR) -> str | None:
     if diff:
         return f"{sha}-dirty-{hashlib.sha256(diff.encode()).hexdigest()[:10]}"
     return sha
+
+
+def entry_script(argv: Sequence[str] | None = None) -> Path | None:
+    """The file the user ran: ``argv[0]`` (a script, or the module file under ``-m``), else ``__main__``'s file."""
+    argv = sys.argv if argv is None else argv
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    for candidate in (argv[0] if argv else None, main_file):
+        if candidate and candidate not in ("-c", "-m") and Path(candidate).is_file():
+            return Path(candidate).resolve()
+    return None
+
+
+def user_code_id(argv: Sequence[str] | None = None) -> str | None:
+    """:func:`code_id` of the tree holding the user's entry script (``None`` outside git or without one)."""
+    entry = entry_script(argv)
+    return code_id(entry.parent) if entry is not None else None
+
+
+def ledger_version() -> str:
+    """ckpt-ledger's version, plus its git commit when it runs from a checkout (``0.1.0+<sha>``)."""
+    try:
+        version = metadata.version("ckpt-ledger")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    ours = code_id(_PACKAGE_DIR)
+    return f"{version}+{ours}" if ours else version

@@ -23,15 +23,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ledger import Attempt, FencedError, Ledger, RetentionPolicy, View
+from ledger import Attempt, BlobStore, FencedError, Ledger, LedgerError, RetentionPolicy, View
 from ledger.events import (
     AttemptEnded,
-    MetricRecorded,
     PreemptionSignalled,
     ShardWritten,
     StepCompleted,
 )
 from ledger.faults import crash_point
+from ledger.gc import retention_pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +61,22 @@ class RunJournal:
         self.attempt: Attempt | None = None
         self.fenced_by: int | None = None
         self._steps: list[StepCompleted] = []
+        self._last_step: int | None = None
         self._lock = threading.RLock()
 
     # -- the run and the attempt -----------------------------------------------------------
 
-    def start_run(self, config: dict[str, Any], config_hash: str, code_id: str | None) -> tuple[str, bool]:
+    def start_run(self, config: dict[str, Any], config_hash: str, code_id: str | None,
+                  *, blobs: str | None = None, ledger_version: str | None = None) -> tuple[str, bool]:
         """Record the run's identity (once); returns ``(run_id, same_config)``."""
         started = self.ledger.start_run(run_id=uuid.uuid4().hex[:12], config=config, config_hash=config_hash,
-                                        code_id=code_id)
+                                        code_id=code_id, blobs=blobs, ledger_version=ledger_version)
         return started.run_id, started.config_hash == config_hash
+
+    @property
+    def blobs(self) -> "BlobStore":
+        """The run's blob store, as ``run.started`` recorded it."""
+        return self.ledger.blobs
 
     def projection(self) -> View:
         """The run as the ledger sees it now."""
@@ -122,6 +129,7 @@ class RunJournal:
             self._warn_nonfinite(step, {n: v for n, v in metrics.items() if n not in finite})
         with self._lock:
             self._steps.append(StepCompleted(step=step, metrics=finite))
+            self._last_step = step
 
     def flush_steps(self) -> None:
         """Append the buffered steps in one transaction."""
@@ -139,8 +147,7 @@ class RunJournal:
         if not math.isfinite(value):
             self._warn_nonfinite(step, {name: value})
             return
-        self._guard(lambda: self.ledger.append(
-            MetricRecorded(name=name, value=value, step=step, checkpoint_id=checkpoint_id), epoch=self.epoch))
+        self._guard(lambda: self.ledger.record_metric(name, value, step, checkpoint_id, epoch=self.epoch))
 
     # -- the two-phase checkpoint ------------------------------------------------------------
 
@@ -178,11 +185,13 @@ class RunJournal:
         self._guard(lambda: self.ledger.abort_checkpoint(checkpoint_id, reason[:500], epoch=self.epoch))
 
     def apply_retention(self, policy: RetentionPolicy) -> list[str]:
-        """Run the ledger's retention after a commit; returns the deleted checkpoint ids."""
-        if not policy.active:
-            return []
-        deleted = self._guard(lambda: self.ledger.apply_retention(policy, epoch=self.epoch))
-        return [d.checkpoint_id for d in deleted or []]
+        """Run the retention pass after a commit; returns the deleted checkpoint ids.
+
+        Besides the policy, it collects what older (fenced, crashed, ended) attempts left: torn
+        saves and stray files under their epoch directories (:func:`ledger.gc.retention_pass`).
+        """
+        done = self._guard(lambda: retention_pass(self.ledger, policy, epoch=self.epoch))
+        return [d.checkpoint_id for d in done.deletions] if done is not None else []
 
     def close(self) -> None:
         """Release the ledger."""
@@ -205,4 +214,17 @@ class RunJournal:
                 return append()
             except FencedError as err:
                 self.fenced_by = err.fenced_by
+                self._record_fenced(err.fenced_by)
                 return None
+
+    def _record_fenced(self, fenced_by: int) -> None:
+        """Record ``attempt.ended(fenced)`` as an operator write (this epoch's own appends are refused now),
+        so inspect, audit and timeline show the attempt as fenced rather than crashed."""
+        if self.attempt is None:
+            return
+        event = AttemptEnded(epoch=self.attempt.epoch, reason="fenced", last_step=self._last_step, fenced_by=fenced_by)
+        try:
+            self.ledger.append(event, epoch=None, event_id=f"attempt.ended:e{self.attempt.epoch}:fenced")
+        except LedgerError as err:  # the job stops either way; the log then shows it as crashed
+            print(f"[ckpt-ledger] could not record that attempt {self.attempt.epoch} was fenced: {err}",
+                  file=sys.stderr, flush=True)

@@ -71,6 +71,14 @@ def fresh_start_refusal(view: View) -> str | None:
     committed = [c for c in view.checkpoints.values() if c.committed_seq is not None]
     if not committed or view.resume_candidates():
         return None
+    elsewhere = [c for c in committed if c.usable]  # usable, but on an abandoned branch (see ledger.lineage)
+    if elsewhere:
+        newest = max(elsewhere, key=lambda c: (c.step, c.committed_seq or 0))
+        return (
+            f"no checkpoint on the current branch can be loaded, and a restart never jumps to another branch; "
+            f"{len(elsewhere)} usable checkpoint(s) are on abandoned branches, e.g. {newest.checkpoint_id} (step "
+            f"{newest.step}): resume one explicitly with --resume ID, or use a new --run-dir"
+        )
     states = ", ".join(f"{c.checkpoint_id} {c.status}" for c in committed[-5:])
     return (
         f"the ledger has {len(committed)} committed checkpoint(s) but none can be loaded ({states}); "

@@ -166,7 +166,7 @@ class Trainer:
             async_save=cfg.async_checkpoint, codec=cfg.checkpoint_codec, resume=cfg.resume,
             pretrained=cfg.pretrained, config=cfg.canonical(), log_every=cfg.log_every, stack=cfg.stack,
             topology=self.topology.as_dict(), state_io=self.stack, dist_timeout_s=cfg.dist_timeout_s,
-            preemption=self.preemption,
+            preemption=self.preemption, blobs=cfg.blobs,
         )
         self.step = self.checkpoints.restore(self.state)
         self.checkpoint_timings = self.checkpoints.timings  # what each checkpoint cost this rank (kept after close)

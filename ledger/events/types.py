@@ -27,6 +27,13 @@ class RunStarted(Event, tag="run.started"):
     config: dict[str, Any] = {}
     config_hash: str = ""
     code_id: str | None = None
+    """The user's training code: git commit (``-dirty-<hash>`` with uncommitted changes) of the tree
+    holding the entry script; ``None`` outside git. Logs before ckpt-ledger 0.2 hold ckpt-ledger's own commit."""
+    ledger_version: str | None = None
+    """The ckpt-ledger version (and git commit, when run from a checkout) that wrote the run."""
+    blobs: str | None = None
+    """Where the shard blobs are: a directory or an fsspec URL such as ``s3://bucket/prefix``,
+    never with credentials; ``None``: the run directory."""
 
 
 class AttemptStarted(Event, tag="attempt.started"):
@@ -106,6 +113,13 @@ class AliasPromoted(Event, tag="alias.promoted"):
     reason: str = ""
 
 
+class AliasRemoved(Event, tag="alias.removed"):
+    """A user alias no longer points at anything (``ckpt-ledger unalias``)."""
+
+    alias: str
+    reason: str = ""
+
+
 class CheckpointPinned(Event, tag="checkpoint.pinned"):
     """The checkpoint is exempt from retention until unpinned."""
 
@@ -139,11 +153,17 @@ class PreemptionSignalled(Event, tag="preemption.signalled"):
 
 
 class AttemptEnded(Event, tag="attempt.ended"):
-    """An attempt ended: ``completed``, ``preempted``, ``failed`` or ``fenced``."""
+    """An attempt ended: ``completed``, ``preempted``, ``failed``, ``fenced`` or ``crashed``.
+
+    ``fenced`` is recorded by the fenced job itself (as an operator write: its own epoch is
+    refused), ``crashed`` by an operator (``ckpt-ledger end-attempt``) for a job whose processes are gone.
+    """
 
     epoch: int
     reason: str
     last_step: int | None = None
+    fenced_by: int | None = None
+    """For ``fenced``: the epoch of the attempt that took over."""
 
 
 class CorruptionDetected(Event, tag="corruption.detected"):
@@ -166,6 +186,7 @@ AnyEvent = Union[
     CheckpointAborted,
     MetricRecorded,
     AliasPromoted,
+    AliasRemoved,
     CheckpointPinned,
     CheckpointUnpinned,
     CheckpointDeletionRequested,
@@ -180,7 +201,7 @@ EVENT_CLASSES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-
 #: tag -> class, e.g. ``"checkpoint.committed" -> CheckpointCommitted``.
 EVENT_TYPES: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in EVENT_CLASSES}
 
-ATTEMPT_END_REASONS = ("completed", "preempted", "failed", "fenced")
+ATTEMPT_END_REASONS = ("completed", "preempted", "failed", "fenced", "crashed")
 
 
 def tag_of(event: Event) -> str:

@@ -1,7 +1,7 @@
 """Retention never selects a protected checkpoint, for arbitrary states, policies and best rules.
 
-Protected (defined here independently of ``decisions.protected``): latest, best, resume
-target, pinned, live in-flight (the newest attempt's, while it runs), and any user alias.
+Protected (defined here independently of ``decisions.protected``): latest and resume target
+(on the newest attempt's branch), best, pinned, live in-flight (the newest attempt's, while it runs), and any user alias.
 A checkpoint whose deletion was already requested is exempt: that decision is in the log
 and its blobs may already be partly gone, so finishing it is the only safe move.
 """
@@ -28,6 +28,19 @@ many = settings(max_examples=4 * settings.default.max_examples)
 rules = st.builds(BestRule, metric=st.sampled_from(METRICS), mode=st.sampled_from(["min", "max"]))
 
 
+def branch_model(state: State) -> set[str] | None:
+    """The newest attempt's checkpoints plus the one it resumed from and that one's parents (None: no attempt)."""
+    if state.current_epoch not in state.attempts:
+        return None
+    members = {c.checkpoint_id for c in state.checkpoints.values() if c.epoch == state.current_epoch}
+    cid = state.attempts[state.current_epoch].resumed_from
+    walked: set[str] = set()
+    while cid in state.checkpoints and cid not in walked:
+        walked.add(cid)
+        cid = state.checkpoints[cid].parent
+    return members | walked
+
+
 def must_keep(state: State, rule: BestRule) -> dict[str, str]:
     keep: dict[str, str] = {}
     for c in state.checkpoints.values():
@@ -42,7 +55,9 @@ def must_keep(state: State, rule: BestRule) -> dict[str, str]:
     for alias, cid in state.aliases.items():
         if alias not in ("latest", "best") and cid in state.checkpoints and not state.checkpoints[cid].deletion_requested:
             keep[cid] = f"alias {alias}"
-    usable = [c for c in state.checkpoints.values() if c.status == "committed" and not c.deletion_requested]
+    branch = branch_model(state)
+    usable = [c for c in state.checkpoints.values() if c.status == "committed" and not c.deletion_requested
+              and (branch is None or c.checkpoint_id in branch)]
     if usable:
         keep[max(usable, key=lambda c: (c.step, c.committed_seq)).checkpoint_id] = "resume"
         keep[max(usable, key=lambda c: c.committed_seq).checkpoint_id] = "latest"
@@ -94,9 +109,11 @@ def test_inactive_policy_only_finishes_deletions_and_collects_failed_saves(entri
 
 @many
 @given(event_logs, st.integers(0, 4), rules)
-def test_keep_last_keeps_the_k_highest_steps(entries, k, rule):
+def test_keep_last_keeps_the_k_highest_steps_of_the_current_branch(entries, k, rule):
     state = fold(as_stored(entries))
     planned = {d.checkpoint_id for d in retention.plan(state, RetentionPolicy(keep_last=k), rule)}
-    candidates = [c for c in state.checkpoints.values() if c.status in ("committed", "corrupt") and not c.deletion_requested]
+    branch = branch_model(state)
+    candidates = [c for c in state.checkpoints.values() if c.status in ("committed", "corrupt") and not c.deletion_requested
+                  and (branch is None or c.checkpoint_id in branch)]
     top = sorted(candidates, key=lambda c: (c.step, c.committed_seq or 0), reverse=True)[:k]
     assert not planned & {c.checkpoint_id for c in top}

@@ -57,6 +57,7 @@ class Ckpt:
     pinned: bool = False
     metric: float | None = None
     corrupted: set[str] = field(default_factory=set)
+    parent: str | None = None
 
     @property
     def usable(self) -> bool:
@@ -76,8 +77,23 @@ class Model:
     ckpts: dict[str, Ckpt] = field(default_factory=dict)
     metrics_by_step: dict[int, float] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    base: dict[int, str | None] = field(default_factory=dict)  # epoch -> the checkpoint it resumed from
+    head: dict[int, str | None] = field(default_factory=dict)  # epoch -> its newest checkpoint not aborted
+
+    def branch(self) -> set[str]:
+        """The newest attempt's checkpoints, the one it resumed from and that one's parents."""
+        members = {c.cid for c in self.ckpts.values() if c.epoch == self.epoch}
+        cid = self.base.get(self.epoch)
+        while cid is not None:
+            members.add(cid)
+            cid = self.ckpts[cid].parent
+        return members
 
     def usable(self) -> list[Ckpt]:
+        branch = self.branch()
+        return [c for c in self.ckpts.values() if c.usable and c.cid in branch]
+
+    def usable_anywhere(self) -> list[Ckpt]:
         return [c for c in self.ckpts.values() if c.usable]
 
     def resume(self) -> str | None:
@@ -88,7 +104,7 @@ class Model:
 
     def best(self) -> str | None:
         scored = []
-        for c in self.usable():
+        for c in self.usable_anywhere():  # best is not limited to the current branch
             value = c.metric if c.metric is not None else self.metrics_by_step.get(c.step)
             if value is not None:
                 scored.append((value, -c.step, -c.commit_seq, c.cid))
@@ -218,10 +234,12 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(target=attempts)
     def start_attempt(self):
-        attempt = self.led.begin_attempt(host="h", pid=1, resumed_from=self.model.resume())
+        resumed_from = self.model.resume()
+        attempt = self.led.begin_attempt(host="h", pid=1, resumed_from=resumed_from)
         assert attempt.epoch == self.model.epoch + 1
         self.ack(attempt.seq, "attempt.started")
         self.model.epoch = attempt.epoch
+        self.model.base[attempt.epoch] = self.model.head[attempt.epoch] = resumed_from
         return attempt.epoch
 
     @rule(epoch=attempts)
@@ -243,6 +261,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.expect_fenced(begin)
             return
         self.ack(begin(), "checkpoint.started")
+        ckpt.parent, self.model.head[epoch] = self.model.head.get(epoch), ckpt.cid
         self.model.ckpts[ckpt.cid] = ckpt
 
     @rule(step=st.integers(0, 60), n_ranks=st.integers(1, 3))
@@ -300,6 +319,8 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         self.ack(abort(), "checkpoint.aborted")
         ckpt.status = "aborted"
+        if self.model.head.get(ckpt.epoch) == ckpt.cid:
+            self.model.head[ckpt.epoch] = ckpt.parent
 
     @precondition(lambda self: self.model.ckpts)
     @rule(data=st.data(), value=metric_values, by_id=st.booleans())

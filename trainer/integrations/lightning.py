@@ -72,6 +72,7 @@ class LedgerCheckpoint(_pl.callbacks.Checkpoint):
         self._flag = PreemptionFlag()
         self._last_saved_step: int | None = None
         self._last_seen_step: int | None = None
+        self._stopping = False  # a preemption signal was acted on: nothing more is saved or recorded
         self._stack = "lightning"
 
     @staticmethod
@@ -117,7 +118,7 @@ class LedgerCheckpoint(_pl.callbacks.Checkpoint):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step == self._last_seen_step:  # gradient accumulation: no optimizer step in this batch
+        if step == self._last_seen_step or self._stopping:  # accumulating gradients, or already stopped
             return
         self._last_seen_step = step
         if trainer.is_global_zero:
@@ -127,6 +128,7 @@ class LedgerCheckpoint(_pl.callbacks.Checkpoint):
         if trainer.world_size > 1:  # any rank's signal stops every rank, at the same step
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
+            self._stopping = True
             self._save(trainer, step)
             if trainer.is_global_zero:
                 self.recorder.end_attempt("preempted", step, signal_name=signal_name or "SIGTERM")
@@ -135,7 +137,8 @@ class LedgerCheckpoint(_pl.callbacks.Checkpoint):
             self._save(trainer, step)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or self.recorder.attempt is None:
+        if (trainer.sanity_checking or not trainer.is_global_zero or self.recorder.attempt is None
+                or self.recorder.ended is not None):
             return
         metrics = {}
         for name, value in trainer.callback_metrics.items():
@@ -146,7 +149,7 @@ class LedgerCheckpoint(_pl.callbacks.Checkpoint):
         self.recorder.record_metrics(trainer.global_step, metrics)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.recorder.ended is None and self.save_on_train_end and trainer.global_step > 0:
+        if not self._stopping and self.save_on_train_end and trainer.global_step > 0:
             self._save(trainer, trainer.global_step)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

@@ -26,10 +26,17 @@ from typing import Any, Mapping
 
 from ledger import LEDGER_FILE, Attempt, CorruptBlobError, FencedError, Ledger, RetentionPolicy, View
 from ledger.blobs import fsync_dir
-from ledger.events import AttemptEnded, CorruptionDetected, MetricRecorded, PreemptionSignalled, ShardWritten, StepCompleted
+from ledger.events import (
+    AttemptEnded,
+    CorruptionDetected,
+    MetricRecorded,
+    PreemptionSignalled,
+    ShardWritten,
+    StepCompleted,
+)
 from ledger.projection import CheckpointState
 from trainer.errors import EXIT_PREEMPTED
-from trainer.identity import code_id, config_hash
+from trainer.identity import code_id, config_hash, ledger_version
 from trainer.process_group import slurm_facts
 
 #: ``step.completed`` events are buffered and appended in batches: at this many, after this many
@@ -129,11 +136,13 @@ class CheckpointRecorder:
         self.run_dir = Path(run_dir)
         self.integration = integration
         self.policy = policy
+        # Recorded in run.started: `ckpt-ledger gc` and the projection's best rule read these keys.
         self.config: dict[str, Any] = {
             "integration": integration, "keep_last": policy.keep_last, "keep_every": policy.keep_every,
-            "keep_best": policy.keep_best, **({"best_metric": best_metric, "best_mode": best_mode} if best_metric else {}),
-            **dict(settings or {}),
+            "keep_best": policy.keep_best, **dict(settings or {}),
         }
+        if best_metric:
+            self.config.update(best_metric=best_metric, best_mode=best_mode)
         self.ledger: Ledger | None = None
         self.attempt: Attempt | None = None
         self.ended: str | None = None
@@ -155,9 +164,10 @@ class CheckpointRecorder:
         self.ledger = Ledger.open(self.run_dir)
         entry_script = Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] else Path.cwd()
         self.ledger.start_run(run_id=uuid.uuid4().hex[:12], config=self.config, config_hash=config_hash(self.config),
-                              code_id=code_id(entry_script))
+                              code_id=code_id(entry_script), ledger_version=ledger_version())
         resumed = checkpoint_holding(self.ledger.projection(), self.run_dir, resumed_from_path)
-        job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or None
+        elastic_id = os.environ.get("TORCHELASTIC_RUN_ID")  # torchrun's default is the word "none"
+        job_id = os.environ.get("SLURM_JOB_ID") or (elastic_id if elastic_id != "none" else None) or None
         self.attempt = self.ledger.begin_attempt(
             job_id=job_id, slurm=slurm_facts(os.environ), world_size=world_size, stack=stack,
             topology={"dp": world_size}, resumed_from=resumed.checkpoint_id if resumed else None,

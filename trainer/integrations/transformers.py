@@ -66,6 +66,7 @@ class LedgerCallback(_hf.TrainerCallback):
             best_metric=metric, best_mode=mode,
         )
         self._flag = PreemptionFlag()
+        self._preempted_by: str | None = None
         self._stack = "transformers"
 
     @staticmethod
@@ -108,8 +109,12 @@ class LedgerCallback(_hf.TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._recording(state):
             self.recorder.step_completed(state.global_step)
-        if self._flag.received is not None:
+        signal_name = self._flag.received
+        if args.world_size > 1 and _any_rank(signal_name is not None, args.device):
+            signal_name = signal_name or "SIGTERM"  # any rank's signal stops every rank, at the same step
+        if signal_name is not None:
             # Save at this step boundary and stop; the attempt is recorded preempted once the save is committed.
+            self._preempted_by = signal_name
             control.should_save = True
             control.should_training_stop = True
         if control.should_save and state.is_world_process_zero:
@@ -146,8 +151,8 @@ class LedgerCallback(_hf.TrainerCallback):
                 self.recorder.abort_checkpoint(checkpoint_id, f"could not move {staged} into the run: {err}")
                 raise
             self.recorder.commit_directory(checkpoint_id, step)
-            if self._flag.received is not None:
-                self.recorder.end_attempt("preempted", step, signal_name=self._flag.received)
+            if self._preempted_by is not None:
+                self.recorder.end_attempt("preempted", step, signal_name=self._preempted_by)
         _wait_for_every_rank(args)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -171,6 +176,18 @@ def refuse_directory_decisions(args: Any) -> None:
             "LedgerCallback the ledger tracks best from the eval metrics: drop it and load the best with "
             "`ckpt-ledger export RUN_DIR --checkpoint best`"
         )
+
+
+def _any_rank(flag: bool, device: Any) -> bool:
+    """Whether ``flag`` is set on any rank (a collective: every rank calls it at the same step)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _wait_for_every_rank(args: Any) -> None:
