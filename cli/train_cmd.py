@@ -103,7 +103,8 @@ def train_command(run_dir: str, stack: str, nproc: int, tp: int, pp: int, pp_sch
     try:
         if nnodes > 1 or rdzv_endpoint is not None:
             if rdzv_endpoint is None:
-                raise ValueError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (where node 0 hosts the rendezvous)")
+                raise ValueError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT "
+                                 "(where node 0 hosts the rendezvous)")
             nodes = NodeRendezvous(nnodes=nnodes, node_rank=node_rank, endpoint=rdzv_endpoint,
                                    run_id=rdzv_id or DEFAULT_RDZV_ID, local_addr=local_addr)
         elif node_rank or rdzv_id or local_addr:

@@ -31,7 +31,6 @@ from ledger import codecs
 from ledger.blobs import (
     HASH_ALGO,
     BlobWriter,
-    BlobInfo,
     BlobStore,
     HashProgress,
     _algo_to_verify,
@@ -68,7 +67,7 @@ def check_blob_url(url: str) -> str:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if not scheme:
-        raise ValueError(f"blob URL {url!r} has no scheme; use e.g. s3://bucket/prefix or a local path")
+        raise ValueError("a blob URL needs a scheme such as s3:// (s3://bucket/prefix), or give a local path")
     if "@" in parts.netloc or parts.password is not None:
         raise ValueError(f"blob URL {scheme}://… embeds credentials; remove them from the URL and {_SECRET_HINT}")
     if parts.query or parts.fragment:
@@ -135,12 +134,6 @@ class FsspecBlobStore(BlobStore):
         if self.is_s3:
             return MultipartUpload(self, self._path(location), part_bytes=self.part_bytes)
         return _TempThenMove(self, self._path(location))
-
-    def write(self, location: str, data: bytes | memoryview, *, codec: str = "none", level: int = 3) -> BlobInfo:
-        payload = codecs.encode(data, codec, level=level)
-        with self.open_atomic(location) as sink:
-            sink.write(payload)
-        return BlobInfo(location=location, bytes=sink.size, hash=sink.hash, codec=codec)
 
     def delete(self, location: str) -> None:
         try:

@@ -169,20 +169,23 @@ class Ledger:
     def _save_snapshot(self) -> None:
         folder = self._folder
         assert folder is not None
-        state = folder.state if folder.state is not None else self._read(lambda r: load_state(r, r.max_seq()))
-        self._writer().save_snapshot(Snapshot(seq=state.seq, projection_version=PROJECTION_VERSION,
-                                              state=encode_state(state)))
-        self._snapshot_seq = state.seq
+        seq = self.max_seq()
+        data = folder.encoded_at(seq)
+        if data is None:
+            data = encode_state(self._read(lambda r: load_state(r, seq)))
+        self._writer().save_snapshot(Snapshot(seq=seq, projection_version=PROJECTION_VERSION, state=data))
+        self._snapshot_seq = seq
 
     def _snapshot_if_far(self) -> None:
         """After an append: snapshot once :data:`SNAPSHOT_EVERY` events have come since the last one."""
         folder = self._folder
-        if folder is None or folder.state is None:
+        live = folder.state if folder is not None else None
+        if live is None:
             return
         if self._snapshot_seq is None:
             self._snapshot_seq = self._read(
                 lambda r: r.snapshot_seq(at_most=r.max_seq(), projection_version=PROJECTION_VERSION))
-        if folder.state.seq - self._snapshot_seq >= SNAPSHOT_EVERY:
+        if live.seq - self._snapshot_seq >= SNAPSHOT_EVERY:
             self._save_snapshot()
 
     def _rebuild_read_model_if_stale(self) -> None:
@@ -456,7 +459,7 @@ class Ledger:
             raise ValueError(f"sequence number must be >= 0, got {at}")
 
         def read(reader: StoreReader) -> View:
-            view = open_view(reader, at, best_rule, self._read_for_view)
+            view = open_view(reader, at, best_rule, self._read_for_view, self._folder)
             if view is not None:
                 return view
             newest = reader.max_seq()

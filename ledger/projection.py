@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgspec
@@ -467,7 +468,14 @@ def _gc_paused() -> Iterator[None]:
     with the collector running, its generation scans cost ~30% of a replay and up to
     half of a large snapshot's decode. Reference counting still frees every event as
     soon as it is folded.
+
+    Only on the main thread: the collector is process-wide, and a background thread (the
+    trainer's checkpoint writer applying retention) must not switch it off under the
+    user's code.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     was_enabled = gc.isenabled()
     gc.disable()
     try:

@@ -19,6 +19,7 @@ instead, and a writer rebuilds it when it opens.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Iterable
 
 import msgspec
@@ -31,6 +32,7 @@ from ledger.projection import (
     RunInfo,
     State,
     decode_state,
+    encode_state,
     fold_chunks,
 )
 from ledger.store import CheckpointRow, EventChunk, ReadModelRows, StoreReader
@@ -125,12 +127,31 @@ class ReadModelFolder:
     def __init__(self) -> None:
         self.state: State | None = None
         self._summary: Summary | None = None  # of ``state``, when written by this folder
+        # A trainer appends from a background thread while its main thread reads views.
+        self._lock = threading.Lock()
 
     def discard(self) -> None:
-        self.state = None  # the fold ran ahead of a rolled-back transaction: reload next time
-        self._summary = None
+        with self._lock:
+            self.state = None  # the fold ran ahead of a rolled-back transaction: reload next time
+            self._summary = None
+
+    def encoded_at(self, seq: int) -> bytes | None:
+        """The live state, encoded, if it is exactly at ``seq`` (for a snapshot or a private copy)."""
+        with self._lock:
+            if self.state is None or self.state.seq != seq:
+                return None
+            return encode_state(self.state)
+
+    def copy_at(self, seq: int) -> State | None:
+        """A private copy of the live state if it is exactly at ``seq``."""
+        data = self.encoded_at(seq)
+        return decode_state(data) if data is not None else None
 
     def advance(self, reader: StoreReader, appended: EventChunk | None = None) -> ReadModelRows | None:
+        with self._lock:
+            return self._advance(reader, appended)
+
+    def _advance(self, reader: StoreReader, appended: EventChunk | None) -> ReadModelRows | None:
         newest = reader.max_seq()
         stored = reader.read_model_seq(version=READ_MODEL_VERSION)
         if stored is None or stored > newest:  # missing, another version, or not of this log: rebuild
@@ -185,9 +206,15 @@ class ReadModelFolder:
 
 
 def open_view(reader: StoreReader, at: int | None, best_rule: BestRule | None,
-              read: Callable[[Callable[[StoreReader], Any]], Any]) -> View | None:
+              read: Callable[[Callable[[StoreReader], Any]], Any],
+              live: ReadModelFolder | None = None) -> View | None:
     """A :class:`ReadModelView` of the newest state, or ``None`` when the read model cannot answer
-    (``at`` is in the past, or the read model is missing, of another version, or behind the log)."""
+    (``at`` is in the past, or the read model is missing, of another version, or behind the log).
+
+    ``read`` runs a function in a later read transaction (for what the view loads lazily);
+    ``live``: a writer's folder, whose in-memory state is copied instead of folded when the
+    view's full state is asked for at the folder's seq.
+    """
     newest = reader.max_seq()
     if at is not None and at < newest:
         return None
@@ -196,7 +223,7 @@ def open_view(reader: StoreReader, at: int | None, best_rule: BestRule | None,
     summary = reader.read_model_fact("summary")
     if summary is None:
         return None
-    return ReadModelView(reader, _summary.decode(summary), read, best_rule)
+    return ReadModelView(reader, _summary.decode(summary), read, best_rule, live)
 
 
 class ReadModelView(View):
@@ -209,9 +236,10 @@ class ReadModelView(View):
     """
 
     def __init__(self, reader: StoreReader, summary: Summary, read: Callable[[Callable[[StoreReader], Any]], Any],
-                 rule: BestRule | None = None) -> None:
+                 rule: BestRule | None = None, live: ReadModelFolder | None = None) -> None:
         self._summary = summary
         self._read = read
+        self._live = live
         self._full: State | None = None
         self._run = _run.decode(reader.read_model_fact("run") or _encode(None))
         self._stored_rule = BestRule(summary.best_metric, summary.best_mode)
@@ -231,7 +259,8 @@ class ReadModelView(View):
     def _state(self) -> State:  # type: ignore[override]  # View's methods read it: fold on first use
         if self._full is None:
             seq = self._summary.seq
-            self._full = self._read(lambda r: load_state(r, seq))
+            copy = self._live.copy_at(seq) if self._live is not None else None
+            self._full = copy if copy is not None else self._read(lambda r: load_state(r, seq))
         return self._full
 
     def __getattr__(self, name: str) -> Any:

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode, urlsplit
 
 from ledger.errors import LedgerError
 
@@ -91,6 +91,12 @@ class PostgresRun:
             kwargs["port"] = self.port
         kwargs.update(self.params)
         return kwargs
+
+    def run_urls(self, runs: "list[str]") -> list[str]:
+        """The URLs of several runs of this database (the shared part built once: listing many runs)."""
+        base = self.database_url
+        sep = "&" if self.params else "?"
+        return [f"{base}{sep}run={quote_plus(run, safe='/:@')}" for run in runs]  # as urlencode writes it
 
     def for_run(self, run: str) -> "PostgresRun":
         """The same database, addressing run ``run``."""

@@ -89,8 +89,8 @@ def list_runs(database: str | PostgresRun) -> list[RunSummary]:
         stored_runs = snapshot.runs()
         fresh = {s.run: _summary_rows.decode(s.summary) for s in stored_runs if _read_model_current(s)}
         steps = snapshot.checkpoint_steps([(run, f.resume) for run, f in fresh.items() if f.resume is not None])
-        for stored in stored_runs:
-            url = address.for_run(stored.run).url()
+        urls = address.run_urls([s.run for s in stored_runs])
+        for stored, url in zip(stored_runs, urls):
             facts = fresh.get(stored.run)
             if facts is None:  # no current read model (written by an older ckpt-ledger): fold this run
                 view = View(_fold(snapshot.reader(stored.run), stored.last_seq))

@@ -129,6 +129,18 @@ class SeaweedS3:
         self.stop()
         raise RuntimeError(f"SeaweedFS S3 did not become ready in {timeout_s:.0f} s: {last}")
 
+    def freeze(self) -> None:
+        """SIGSTOP the server: connections are still accepted by the kernel, nothing is answered."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def kill(self) -> None:
+        """SIGKILL the server (frozen or not), as a crashed host would stop it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+        self.stop()
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and wait for it."""
         if self.proc is None:

@@ -48,6 +48,18 @@ def test_staging_copies_into_buffers_allocated_once():
     assert area.allocations == 3
 
 
+def test_staging_shared_between_copy_threads_copies_every_tensor_exactly():
+    state = {"big": torch.randn(1000, 100), "mid": [torch.randn(5000), torch.arange(300)], "tiny": torch.tensor(1.5)}
+    area = StagingArea(copy_threads=2)
+    for _ in range(2):  # the helper thread is made once and reused
+        snapshot = area.stage(state)
+        assert torch.equal(snapshot["big"], state["big"]) and snapshot["big"].data_ptr() != state["big"].data_ptr()
+        assert all(torch.equal(a, b) for a, b in zip(snapshot["mid"], state["mid"]))
+        assert torch.equal(snapshot["tiny"], state["tiny"])
+        state["big"].add_(1.0)
+    assert area.allocations == 4
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stack", ["ddp", "fsdp"])
 def test_background_checkpoints_stage_once_and_the_final_one_is_synchronous(tmp_path, stack):

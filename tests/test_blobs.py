@@ -7,11 +7,16 @@ import os
 import pytest
 
 from ledger import CorruptBlobError, Ledger, LedgerError
+import ledger.blobs as blobs_module
+from ledger import direct_io
 from ledger.blobs import LocalBlobStore, check_component
 
 
-@pytest.fixture
-def store(tmp_path) -> LocalBlobStore:
+@pytest.fixture(params=["direct", "buffered"])
+def store(request, tmp_path, monkeypatch) -> LocalBlobStore:
+    """Both write paths: O_DIRECT through the bounce buffer, and ordinary writes (where O_DIRECT is refused)."""
+    if request.param == "buffered":
+        monkeypatch.setattr(blobs_module, "open_direct", lambda path: None)
     return LocalBlobStore(tmp_path)
 
 
@@ -190,3 +195,14 @@ def test_open_read_is_seekable_and_reads_into_buffers(store):
     with pytest.raises(CorruptBlobError, match="missing") as caught:
         store.open_read("blobs/c/e1/nothing")
     assert caught.value.found_hash is None
+
+
+@pytest.mark.parametrize("size", [0, 1, direct_io.ALIGN - 1, direct_io.ALIGN, direct_io.BOUNCE_BYTES + 12345])
+def test_direct_writes_keep_the_exact_size_and_bytes_across_block_and_buffer_edges(tmp_path, size):
+    store = LocalBlobStore(tmp_path)
+    data = os.urandom(size)
+    with store.open_atomic("blobs/c/e1/r0") as sink:
+        sink.write(data[: size // 3])
+        sink.writev([data[size // 3: size // 2], data[size // 2:]])
+    assert store.size("blobs/c/e1/r0") == size == sink.size
+    assert store.read("blobs/c/e1/r0", expected_hash=sink.hash) == data

@@ -232,3 +232,29 @@ def test_long_commands_draw_a_progress_bar_only_on_a_terminal(tmp_path, s3_env):
                            capture_output=True, text=True, timeout=120, env=__import__("runs").cli_env(),
                            cwd=__import__("runs").REPO_ROOT)
     assert piped.returncode == 0 and piped.stderr == ""
+
+
+def test_a_postgresql_run_keeps_its_blobs_where_run_started_says(pg_run_url, s3_env):
+    url = f"{s3_env}/pg-run"
+    with Ledger.open(pg_run_url) as led:
+        led.start_run(run_id="pg", config={}, blobs=url)
+        led.blobs.write("blobs/c/e1/r0.bin", b"abc")
+    with Ledger.open(pg_run_url, read_only=True) as ro:
+        assert isinstance(ro.blobs, FsspecBlobStore) and list(ro.blobs.list_files()) == ["blobs/c/e1/r0.bin"]
+
+
+def test_a_postgresql_run_without_a_blob_store_says_so(pg_run_url):
+    with Ledger.open(pg_run_url) as led:
+        led.start_run(run_id="pg", config={})
+        with pytest.raises(LedgerError, match="--blobs"):
+            led.blobs.size("blobs/c/e1/r0.bin")
+
+
+def test_checkpoint_manager_refuses_credentials_in_blobs_before_anything_happens(tmp_path):
+    from trainer.checkpoint_manager import CheckpointManager
+    from trainer.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="embeds credentials") as refused:
+        CheckpointManager(str(tmp_path / "run"), blobs=f"s3://{ACCESS_KEY}:{SECRET_KEY}@bucket/p")
+    assert SECRET_KEY not in str(refused.value)
+    assert not (tmp_path / "run").exists()

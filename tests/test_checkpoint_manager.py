@@ -236,3 +236,12 @@ def test_restoring_into_a_different_model_names_the_mismatch_and_records_nothing
             ckpt.restore(make_state(width=16))
     with Ledger.open(tmp_path / "run", read_only=True) as after:
         assert after.max_seq() == seq
+
+
+def test_blobs_elsewhere_are_recorded_and_used_by_later_attempts(tmp_path):
+    run(tmp_path / "run", 4, save_every=2, blobs=str(tmp_path / "store"))
+    assert any((tmp_path / "store").rglob(".metadata")) and not (tmp_path / "run" / "blobs").exists()
+    _, resumed = run(tmp_path / "run", 6, save_every=2)  # no blobs=: the place run.started recorded
+    assert resumed.restored_from == "step000004-e1" and resumed.exit_code == 0
+    with pytest.raises(BadInputError, match="drop blobs="):
+        run(tmp_path / "run", 8, blobs=str(tmp_path / "elsewhere"))

@@ -239,3 +239,30 @@ def test_a_fenced_writer_removes_the_files_nothing_records(tmp_path, one_rank):
     assert journal.fenced_by == epoch + 1  # what the training loop acts on at its next step boundary
     assert list(store.list_files()) == []  # written, never recorded: removed
     journal.close()
+
+
+def test_projecting_the_ledger_off_the_main_thread_leaves_the_garbage_collector_alone(tmp_path):
+    # The checkpoint writer applies retention (a projection) on its thread; the collector is process-wide.
+    from ledger.events import StepCompleted
+
+    led = Ledger.open(tmp_path)
+    led.start_run(run_id="r", config={})
+    attempt = led.begin_attempt(world_size=1, stack="ddp")
+    led.append_many([StepCompleted(step=i, metrics={"loss": 1.0}) for i in range(20000)], epoch=attempt.epoch)
+    seen: set[bool] = set()
+    done = threading.Event()
+
+    def project() -> None:
+        try:
+            for _ in range(3):
+                Ledger.open(tmp_path, read_only=True).full_replay()
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=project)
+    worker.start()
+    while not done.is_set():
+        seen.add(gc.isenabled())
+    worker.join()
+    led.close()
+    assert seen == {True}

@@ -10,12 +10,13 @@ import sys
 import threading
 import time
 
+import msgspec
 import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
 from ledger import Ledger
-from ledger.events import AttemptStarted, StepCompleted
+from ledger.events import AttemptStarted, RunStarted, StepCompleted
 from runs import build_crashed_run, build_healthy_run, cli_argv, cli_env, run_main
 
 TIME_FIELDS = {"recorded_at", "started_at", "ended_at", "last_seen", "last_event_at"}
@@ -26,10 +27,13 @@ def invoke(*args):
 
 
 def copy_run(run_dir, url: str) -> None:
-    """Re-append a local run's log, event by event (same ids and epochs), to a PostgreSQL run."""
+    """Re-append a local run's log, event by event (same ids and epochs), to a PostgreSQL run whose
+    ``run.started`` records the local run directory as its blob store (where the shards are)."""
     with Ledger.open(run_dir, read_only=True) as src, Ledger.open(url) as dst:
         for stored in src.events():
             ev = stored.event
+            if isinstance(ev, RunStarted):
+                ev = msgspec.structs.replace(ev, blobs=str(run_dir))
             if isinstance(ev, AttemptStarted):
                 attempt = dst.begin_attempt(job_id=ev.job_id, slurm=ev.slurm, host=ev.host, pid=ev.pid,
                                             world_size=ev.world_size, stack=ev.stack, topology=ev.topology,
@@ -41,9 +45,10 @@ def copy_run(run_dir, url: str) -> None:
 
 def without_times(value):
     """``value`` with wall-clock fields (informational only) removed, recursively, and the
-    ids begin_attempt mints (the copy cannot choose them)."""
+    ids begin_attempt mints (the copy cannot choose them), and run.started's blob store."""
     if isinstance(value, dict):
         minted = {"event_id"} if value.get("tag") == "attempt.started" else set()
+        minted |= {"blobs"} if value.get("tag") == "run.started" else set()  # the copy records where shards are
         return {k: without_times(v) for k, v in value.items() if k not in TIME_FIELDS | minted}
     if isinstance(value, list):
         return [without_times(v) for v in value]
@@ -167,3 +172,28 @@ def test_runs_refuses_what_is_not_a_ledger_database(tmp_path, pg_server, pg_data
     code, out, err = run_main(["runs", pg_database.replace("ckpt@", "ckpt:hunter2@")], capsys)
     assert code == 2 and "PGPASSWORD" in err and "hunter2" not in err
     assert pg_server.sql(db, "SELECT count(*) FROM pg_namespace WHERE nspname = 'ckpt_ledger'") == [(0,)]
+
+
+def test_pin_gc_and_audit_work_on_a_database_run(tmp_path, pg_server, pg_run_url, capsys):
+    info = build_healthy_run(tmp_path / "run")
+    copy_run(info.run_dir, pg_run_url)
+    xid = next_xid(pg_server)
+    local = run_main(["gc", info.run_dir, "--dry-run", "--json", "--keep-last", "2"], capsys)
+    remote = run_main(["gc", pg_run_url, "--dry-run", "--json", "--keep-last", "2"], capsys)
+    assert remote[0] == local[0] == 0 and json.loads(remote[1]) == json.loads(local[1]), remote
+    assert json.loads(remote[1])["checkpoints"], "the plan deletes something: the comparison means something"
+    code, out, err = run_main(["audit", pg_run_url, "--verify-blobs", "--json"], capsys)
+    assert code == 0 and json.loads(out)["healthy"], out + err  # shards in the recorded --blobs, all verify
+    assert next_xid(pg_server) == xid  # dry runs and audits write nothing
+    target = info.committed[0]
+    code, out, err = run_main(["pin", pg_run_url, target], capsys)
+    assert code == 0 and "pinned" in out, err
+    with Ledger.open(pg_run_url, read_only=True) as ro:
+        assert ro.projection().checkpoint(target).pinned
+
+
+def test_a_database_run_without_a_blob_store_says_so_in_one_line(pg_run_url, capsys):
+    with Ledger.open(pg_run_url) as led:
+        led.start_run(run_id="r", config={})
+    code, out, err = run_main(["audit", pg_run_url], capsys)
+    assert code == 1 and "recorded no blob store" in err and len(err.strip().splitlines()) == 1, err

@@ -117,3 +117,14 @@ def test_sigterm_to_torchrun_reaches_the_workers_which_save(tmp_path):
     view = view_of(run_dir)
     [attempt] = view.attempts
     assert attempt.status == "preempted" and view.resume.step == attempt.last_step
+
+
+def test_a_ledger_rank_0_cannot_read_stops_every_rank_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ledger.db").write_bytes(b"this is not an sqlite database" * 100)
+    procs = start_workers("ddp", run_dir, "--steps", "5")
+    results = [finish(p, timeout=120) for p in procs]  # nobody waits for a collective rank 0 never joins
+    assert all(r.returncode != 0 for r in results)
+    assert "could not open the run's ledger" in results[1].stderr, results[1].stderr[-2000:]
+    assert (run_dir / "ledger.db").read_bytes() == b"this is not an sqlite database" * 100

@@ -281,3 +281,69 @@ def test_two_nodes_in_separate_network_namespaces(tmp_path, tmp_path_factory, tw
     view = view_of(run_dir)
     assert [a.world_size for a in view.attempts] == [2, 2] and view.attempts[-1].first_step == 10
     assert_bitwise_equal(reference, export_state(run_dir, tmp_path / "final.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_node_whose_rendezvous_never_answers_fails_with_one_line(tmp_path):
+    """Node 1 started alone (node 0 never comes): torch's client gives up after its connect retries
+    (about two minutes, mostly asleep); the launcher exits 1 saying where it tried to meet, and
+    nothing is created in the run directory."""
+    run_dir = tmp_path / "run"
+    port = free_port()
+    done = finish(cli_node(run_dir, 1, port), timeout=360)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ckpt-ledger: error: rendezvous at 127.0.0.1:{port} (2 nodes, this is node 1) failed"), last
+    assert "timed out" in last and "same --nnodes and --rdzv-endpoint" in last
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_preempting_every_node_checkpoints_and_exits_75(tmp_path, tmp_path_factory):
+    """SIGTERM to every node's whole process group (as scancel and SLURM's --signal send it): the job
+    stops at a step boundary agreed by all ranks, checkpoints, and every node exits 75; a requeue on
+    one node finishes bitwise-exactly."""
+    _, reference = reference_run(tmp_path_factory, "ddp")
+    run_dir = tmp_path / "run"
+    port = free_port()
+    nodes = [cli_node(run_dir, rank, port) for rank in (0, 1)]
+    try:
+        wait_for(lambda: bool(committed_steps(run_dir)), timeout=300, proc=nodes[0], what="the first commit")
+        for node in nodes:
+            kill_group(node, signal.SIGTERM)
+    finally:
+        done = finish_all(nodes, timeout=300)
+    assert [r.returncode for r in done] == [75, 75], [r.stderr[-2000:] for r in done]
+    view = view_of(run_dir)
+    [attempt] = view.attempts
+    assert attempt.status == "preempted" and attempt.last_step < 30, "the run finished before the signal"
+    [signalled] = events_of(run_dir, "preemption.signalled")
+    assert signalled.event.signal == "SIGTERM" and view.resume.step == signalled.event.step == attempt.last_step
+
+    requeued = run_cli("train", "--run-dir", str(run_dir), "--nproc", "2", *QUICK, timeout=300)
+    assert requeued.returncode == 0, requeued.stderr
+    assert view_of(run_dir).attempts[-1].first_step == attempt.last_step
+    assert_bitwise_equal(reference, export_state(run_dir, tmp_path / "final.pt"))
+
+
+def test_each_node_agent_is_configured_for_the_shared_rendezvous(monkeypatch):
+    """What ckpt-ledger's launcher hands torch's elastic agent on each node (no process started)."""
+    from trainer.launch import NO_SHARED_STORE_ENV, agent_launch_config
+    from trainer.rendezvous import NodeRendezvous
+
+    for name in (NO_SHARED_STORE_ENV, "GLOO_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    configs = [agent_launch_config(nproc=4, max_restarts=3, nodes=NodeRendezvous(
+        nnodes=2, node_rank=rank, endpoint="node01:29500", run_id="exp1", local_addr=f"10.0.0.{rank + 1}"))
+        for rank in (0, 1)]
+    for rank, cfg in enumerate(configs):
+        assert (cfg.min_nodes, cfg.max_nodes, cfg.nproc_per_node, cfg.max_restarts) == (2, 2, 4, 3)
+        assert (cfg.rdzv_backend, cfg.rdzv_endpoint, cfg.run_id) == ("c10d", "node01:29500", "exp1")
+        assert cfg.rdzv_configs["is_host"] is (rank == 0) and cfg.local_addr == f"10.0.0.{rank + 1}"
+    assert os.environ[NO_SHARED_STORE_ENV] == "1"  # a fresh store per restart round (pytorch#135712)
+    assert "GLOO_SOCKET_IFNAME" not in os.environ and "MASTER_ADDR" not in os.environ  # a real network
+    agent_launch_config(nproc=1, max_restarts=0, nodes=NodeRendezvous(nnodes=2, node_rank=1,
+                                                                      endpoint="127.0.0.1:29500"))
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"  # loopback meeting point: gloo must bind lo

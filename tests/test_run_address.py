@@ -90,6 +90,9 @@ def test_a_database_url_without_run_when_allowed() -> None:
     db = parse_run_address("postgresql://u@h/ledger", require_run=False)
     assert isinstance(db, PostgresRun) and db.run is None
     assert db.for_run("r2").run == "r2"
+    assert db.run_urls(["r2", "team/a b"]) == [str(db.for_run("r2")), "postgresql://u@h/ledger?run=team/a+b"]
+    with_params = parse_run_address("postgresql://u@h/ledger?sslmode=require", require_run=False)
+    assert with_params.run_urls(["r2"]) == [str(with_params.for_run("r2"))]
     with pytest.raises(RunAddressError):
         db.for_run("bad name with spaces")
 

@@ -7,6 +7,7 @@ command finds the objects from ``run.started`` with no flag; nothing secret is r
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -145,6 +146,13 @@ def test_corrupt_and_missing_objects_and_retention_on_s3(tmp_path, s3_server, s3
     assert [(f["kind"], f["subject"]) for f in problems] == [("missing_shard", gone.location)]
     assert problems[0]["fix"]
 
+    # The run's store is the recorded one: asking for another is refused before anything is written.
+    other = cli("train", "--run-dir", run_dir, "--blobs", f"{s3_env}/elsewhere", "--nproc", "2", "--steps", "50",
+                timeout=300)
+    assert other.returncode == 2, other.stderr
+    assert url in other.stderr and "recorded in run.started" in other.stderr
+    assert objects(s3_server, f"{s3_env}/elsewhere") == []
+
 
 def test_store_stopped_mid_run_aborts_the_checkpoint_and_commits_nothing_incomplete(tmp_path, monkeypatch):
     server = SeaweedS3(tmp_path / "weed").start()
@@ -155,7 +163,11 @@ def test_store_stopped_mid_run_aborts_the_checkpoint_and_commits_nothing_incompl
         run_dir, url = tmp_path / "run", f"s3://{bucket}/exp3"
         proc = start_cli("train", "--run-dir", str(run_dir), "--blobs", url, "--nproc", "2", *QUICK)
         wait_for(lambda: bool(committed_steps(run_dir)), timeout=300, proc=proc, what="the first commit")
-        server.stop()  # the store goes away while the run keeps checkpointing into it
+        # Freeze the store, so the next checkpoint is certainly mid-upload when it dies, then kill it.
+        server.freeze()
+        wait_for(lambda: any(c.step == 20 for c in view_of(run_dir).checkpoints.values()), timeout=300, proc=proc,
+                 what="the next checkpoint to begin")
+        server.kill()
         out, err = proc.communicate(timeout=600)
         view = view_of(run_dir)
         aborted = [c for c in view.checkpoints.values() if c.status == "aborted"]
@@ -196,3 +208,40 @@ def test_bad_blob_urls_are_one_line_usage_errors(tmp_path):
         assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1
         no_secret(done.stderr, done.stdout)
         assert not (tmp_path / "run").exists()
+
+
+def test_blobs_in_another_local_directory(tmp_path):
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "shards"
+    relative = os.path.relpath(elsewhere, REPO)  # the CLI runs in REPO: a relative --blobs is taken from there
+    done = cli("train", "--run-dir", run_dir, "--blobs", relative, "--steps", "20", "--ckpt-every", "10",
+               "--eval-every", "10", timeout=300)
+    assert done.returncode == 0, done.stderr
+    with Ledger.open(run_dir, read_only=True) as led:
+        assert led.events(tags=["run.started"])[0].event.blobs == str(elsewhere)  # recorded absolute
+        shards = [s.location for c in led.projection().checkpoints.values() for s in c.shards]
+    assert all(name.startswith("ledger.db") for name in local_files(run_dir))
+    assert shards and all((elsewhere / loc).is_file() for loc in shards)
+    assert cli("audit", run_dir, "--verify-blobs").returncode == 0
+    assert export_state(run_dir, tmp_path / "model.pt")
+
+
+def test_a_run_with_no_shared_file_system_at_all(pg_run_url, s3_server, s3_env):
+    """Ledger in PostgreSQL, shards in S3: nothing of the run on the local disk."""
+    url = f"{s3_env}/pg"
+    done = cli("train", "--run-dir", pg_run_url, "--blobs", url, "--nproc", "2", "--steps", "20",
+               "--ckpt-every", "10", "--eval-every", "10", timeout=300)
+    assert done.returncode == 0, done.stderr
+    view = view_of(pg_run_url)
+    assert [c.step for c in view.checkpoints.values() if c.status == "committed"] == [10, 20]
+    recorded = {s.location for c in view.checkpoints.values() for s in c.shards}
+    assert recorded == set(objects(s3_server, url))
+    # Resharded on load, from the store: ddp on 2 ranks -> fsdp on 1.
+    resumed = cli("train", "--run-dir", pg_run_url, "--stack", "fsdp", "--nproc", "1", "--steps", "30",
+                  "--ckpt-every", "10", "--eval-every", "10", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    view = view_of(pg_run_url)
+    assert view.checkpoints[view.attempts[-1].resumed_from].step == 20
+    assert view.attempts[-1].status == "completed" and view.latest.step == 30
+    audit = cli("audit", pg_run_url, "--verify-blobs")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    no_secret(done.stdout, done.stderr, resumed.stdout, resumed.stderr, cli("replay", pg_run_url, "--json").stdout)

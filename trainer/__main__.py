@@ -1,7 +1,8 @@
-"""``python -m trainer ARGS`` (and ``torchrun --nproc-per-node N -m trainer ARGS``, ``srun python -m trainer ARGS``).
+"""``python -m trainer ARGS`` (and ``torchrun [--nnodes N] --nproc-per-node G -m trainer ARGS``, ``srun python -m trainer ARGS``).
 
-The same options and exit codes as ``ckpt-ledger train``; under torchrun or a
-multi-task srun each process is one worker.
+The same options and exit codes as ``ckpt-ledger train``; under torchrun each process is
+one worker; under a multi-task srun each task is one worker, or with ``--nproc G`` (or
+``--max-restarts``) its node's launcher (see :mod:`trainer.slurm`).
 """
 
 import sys

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from ledger import LedgerError, RetentionPolicy, View
 from ledger.blobs import blob_store_for
+from ledger.run_address import is_database_url, parse_run_address
 from ledger.time_retention import parse_duration
 from trainer.checkpoint_state import (  # noqa: F401 - unmappable_checkpoint_message is re-exported
     DCPStateDicts,
@@ -116,6 +117,10 @@ class CheckpointManager:
         run_dir = str(run_dir) if run_dir is not None else ""
         if not run_dir:
             raise BadInputError("run_dir must be a non-empty path")
+        try:
+            parse_run_address(run_dir)  # a postgresql:// run must be well-formed and carry no password
+        except ValueError as err:
+            raise BadInputError(str(err)) from None
         _positive("save_every", save_every, integer=True)
         if save_every_seconds is not None:
             try:
@@ -190,6 +195,8 @@ class CheckpointManager:
             return None
         text = os.fspath(blobs)
         if "://" not in text:
+            if "://" not in run_dir and os.path.abspath(text) == os.path.abspath(run_dir):
+                return None  # the run directory itself, however it was spelled
             return os.path.abspath(text)
         from ledger.blobs_remote import check_blob_url
 
@@ -197,6 +204,13 @@ class CheckpointManager:
             return check_blob_url(text)
         except ValueError as err:
             raise BadInputError(str(err)) from None
+
+    def _require_blobs_for_database_run(self) -> None:
+        """Rank 0: a run in a database has no directory for its shards; its first start must say where."""
+        if self.blobs is None and is_database_url(self.run_dir) \
+                and not self.journal.ledger.events(tags=["run.started"]):  # type: ignore[union-attr]
+            raise BadInputError(f"{parse_run_address(self.run_dir)} is a run in a database, which has no directory "
+                                "for checkpoint files: give it one with --blobs DIR|s3://BUCKET/PREFIX (blobs=)")
 
     def _recorded_blobs(self) -> tuple[str | None, str | None]:
         """Rank 0: ``(blob URL run.started recorded, error)`` — asking for another place than the recorded one is an error."""
@@ -228,17 +242,21 @@ class CheckpointManager:
 
         view: View | None = None
         where: tuple[str | None, str | None] | None = None
+        failure: LedgerError | ValueError | OSError | None = None
         if self.ctx.is_coordinator:  # rank 0 alone opens the ledger and records the run once
-            self.journal = RunJournal(self.run_dir)
-            recorded = {**self.config, **self._policy_config()}
-            _, same = self.journal.start_run(recorded, config_hash(recorded), user_code_id(), blobs=self.blobs,
-                                             ledger_version=ledger_version())
-            if not same:
-                self._say("note: this config differs from the one the run started with (see run.started)")
-            view = self.journal.projection()
-            where = self._recorded_blobs()
-        # Every rank writes its own shards straight to the run's blob store: it learns which from rank 0.
-        blobs_url, error = broadcast_object(where)
+            try:
+                view = self._open_journal()
+                where = self._recorded_blobs()
+            except (LedgerError, ValueError, OSError) as err:
+                failure = err
+        # Every rank learns whether rank 0 could read the ledger (rather than waiting in the next
+        # collective) and which blob store the run uses: each rank writes its own shards there.
+        problem, (blobs_url, error) = broadcast_object(
+            (None if failure is None else str(failure).splitlines()[0], where or (None, None)))
+        if failure is not None:
+            raise failure
+        if problem is not None:
+            raise StartRefusedError(f"rank 0 could not open the run's ledger: {problem}")
         if error is not None:
             raise BadInputError(error)
         store = self.journal.blobs if self.journal is not None else blob_store_for(blobs_url, self.run_dir)
@@ -259,6 +277,17 @@ class CheckpointManager:
         self.restored_from = plan.candidate.checkpoint_id if plan.candidate is not None else None
         self._last_save_time = time.monotonic()
         return step
+
+    def _open_journal(self) -> View:
+        """Rank 0: open the ledger, record ``run.started`` (once per run); the projection now."""
+        self.journal = RunJournal(self.run_dir)
+        self._require_blobs_for_database_run()
+        recorded = {**self.config, **self._policy_config()}
+        _, same = self.journal.start_run(recorded, config_hash(recorded), user_code_id(), blobs=self.blobs,
+                                         ledger_version=ledger_version())
+        if not same:
+            self._say("note: this config differs from the one the run started with (see run.started)")
+        return self.journal.projection()
 
     def _policy_config(self) -> dict[str, Any]:
         """The fields the ledger's decisions read from ``run.started`` (best rule, retention for gc)."""
@@ -536,7 +565,7 @@ class CheckpointManager:
     def _fenced(self, fenced_by: int | None) -> None:
         self.exit_code, self.status = EXIT_PROBLEM, "fenced"
         self.message = f"fenced by epoch {fenced_by}: a newer attempt took over this run; this job stops (not restarted)"
-        self._say(self.message, error=True)
+        self._say(self.message)  # a progress line: stderr is left to whoever reports the exit (the CLI does)
 
     def _end_failed(self) -> None:
         self.exit_code, self.status = EXIT_PROBLEM, "failed"

@@ -76,8 +76,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-class _CountingSink(io.RawIOBase):
-    """A stream over a :class:`BlobWriter` for codecs (which write in pieces); closing it is a no-op."""
+class _SinkStream(io.RawIOBase):
+    """A file-like over a :class:`BlobWriter` for codecs (which write in pieces); closing it is a no-op."""
 
     def __init__(self, sink: BlobWriter) -> None:
         super().__init__()
@@ -128,7 +128,8 @@ class LedgerStorageWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Give every rank its file name prefix, ``__<rank>_``, as DCP's file-system writer does."""
-        return [plan if plan.storage_data is not None else dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_"))
+        return [plan if plan.storage_data is not None
+                else dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_"))
                 for i, plan in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -201,7 +202,7 @@ class _RankFileLayout:
     def _encode(self, payload: memoryview) -> None:
         """Through the run's codec: compressed pieces go straight to the writer."""
         self._flush()
-        stream: Any = _CountingSink(self._sink)
+        stream: Any = _SinkStream(self._sink)
         for ext in self._extensions:
             stream = ext.transform_to(stream)
         stream.write(payload)

@@ -20,12 +20,16 @@ Codecs (the names of ``ledger.codecs.CODECS``):
   frame. Float exponent bytes are near-constant once grouped, so this compresses trained
   fp32/bf16 weights noticeably better than ``zstd``.
 
-What the transform sees (torch 2.13, ``SerializationFormat.TORCH_SAVE``): for a tensor, the
+What the transform sees: with the trainer's writer (``trainer.checkpoint_storage``), a
+tensor item's raw bytes (C order, no container; the item is marked
+``raw-tensor@ckpt-ledger/1;dtype=..;shape=..`` by :class:`RawTensorBytes`, listed after the
+codec's descriptor), and for a ``BYTE_IO`` item the bytes the save planner made of the
+object (the default planner: a small ``torch.save`` zip container). With DCP's own
+``FileSystemWriter`` (torch 2.13, ``SerializationFormat.TORCH_SAVE``), a tensor item is the
 ``torch.save`` zip container of that one tensor — pickle first, then the raw storage as
 one record whose data starts at an offset aligned to 64 bytes from the start of the
-stream (``torch.utils.serialization.config.save.storage_alignment``; a test checks it);
-for a ``BYTE_IO`` item, the bytes the save planner made of the object (the default
-planner: ``torch.save`` of it, another small zip container).
+stream (``torch.utils.serialization.config.save.storage_alignment``; a test checks it).
+Either way the storage bytes start at a multiple of 64 bytes into the item.
 
 Element width: ``transform_to`` is handed only the output stream, never the
 ``WriteItem``, so an item's dtype is *not* reachable from an extension, and its

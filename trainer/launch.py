@@ -38,9 +38,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
 from ledger import CorruptLedgerError, LedgerError, LedgerNotFoundError, SchemaTooNewError
+from ledger.errors import LedgerUnavailableError
 from trainer.errors import EXIT_PROBLEM, EXIT_USAGE, TrainerError
 from trainer.preemption import PREEMPTION_SIGNALS, PreemptionWatch
 from trainer.process_group import apply_single_node_defaults, under_srun
@@ -112,19 +113,27 @@ def _train(config: dict[str, Any], preemption: PreemptionWatch) -> LaunchOutcome
         outcome = trainer.fit()
     except TrainerError as err:
         return LaunchOutcome(err.exit_code, str(err))
+    except LedgerUnavailableError as err:
+        _crash(err)  # the ledger's server went away: a crash (restartable), not the ledger saying no
     except LedgerError as err:
         return LaunchOutcome(_ledger_exit_code(err), str(err).splitlines()[0])
     except Exception as err:
-        # A crash: one line (a traceback with CKPT_LEDGER_DEBUG=1), then die at once. Crash-only:
-        # a broken process group can block interpreter teardown, and the launcher (or the next
-        # attempt) recovers from the ledger, not from this process.
-        if debug_enabled():
-            traceback.print_exc()
-        print(f"ckpt-ledger: worker rank {os.environ.get('RANK', '?')} crashed: "
-              f"{type(err).__name__}: {' '.join(str(err).split())[:300]}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(EXIT_PROBLEM)
+        _crash(err)
     return LaunchOutcome(outcome.exit_code, outcome.message)
+
+
+def _crash(err: BaseException) -> NoReturn:
+    """One line (a traceback with CKPT_LEDGER_DEBUG=1), then die at once.
+
+    Crash-only: a broken process group can block interpreter teardown, and the launcher
+    (or the next attempt) recovers from the ledger, not from this process.
+    """
+    if debug_enabled():
+        traceback.print_exception(err)
+    print(f"ckpt-ledger: worker rank {os.environ.get('RANK', '?')} crashed: "
+          f"{type(err).__name__}: {' '.join(str(err).split())[:300]}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_PROBLEM)
 
 
 def inside_external_launcher(env: dict[str, str] | os._Environ) -> bool:
@@ -369,8 +378,12 @@ def _elastic(config: dict[str, Any], *, nproc: int, max_restarts: int,
     except RendezvousError as err:
         # Multi-node only: a node never came, the endpoint is unreachable, or another node gave up.
         where = f" at {nodes.endpoint} ({nodes.nnodes} nodes, this is node {nodes.node_rank})" if nodes else ""
+        # torch's own message says "see inner exception"; the inner one's first line says what happened.
+        cause = str(err.__cause__).splitlines()[0] if err.__cause__ is not None and str(err.__cause__) else ""
         return LaunchOutcome(EXIT_PROBLEM, f"rendezvous{where} failed: {type(err).__name__}: "
-                                           f"{' '.join(str(err).split())[:300]}")
+                                           f"{' '.join((cause or str(err)).split())[:300]}; check that every "
+                                           "node runs with the same --nnodes and --rdzv-endpoint, and that "
+                                           "node 0 is reachable there")
     finally:
         _FORWARDER.uninstall()
     # Keyed by global rank: this node's workers, whose outcomes agree (every rank returns the same).

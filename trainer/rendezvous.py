@@ -34,7 +34,8 @@ class NodeRendezvous:
         if self.nnodes < 1:
             raise ValueError(f"--nnodes {self.nnodes}: must be at least 1")
         if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"--node-rank {self.node_rank}: must be in 0..{self.nnodes - 1} for --nnodes {self.nnodes}")
+            raise ValueError(f"--node-rank {self.node_rank}: must be in 0..{self.nnodes - 1} "
+                             f"for --nnodes {self.nnodes}")
         split_endpoint(self.endpoint)
         if not self.run_id:
             raise ValueError("the rendezvous id must not be empty")

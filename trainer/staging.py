@@ -19,6 +19,7 @@ with the training thread either.
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -29,14 +30,23 @@ _IMMUTABLE = (str, bytes, int, float, bool, type(None))
 
 
 class StagingArea:
-    """One reusable CPU buffer per tensor path; :meth:`stage` copies a state dict into them."""
+    """One reusable CPU buffer per tensor path; :meth:`stage` copies a state dict into them.
 
-    def __init__(self) -> None:
+    ``copy_threads``: how many threads share the copies of one snapshot (the caller's and
+    ``copy_threads - 1`` helpers; ``torch``'s copies release the GIL). The training thread
+    is idle while it waits for its snapshot, so a spare core could take half the copies;
+    on the shared 2-core benchmark box two copiers measured no faster than one (19-24 ms
+    vs 18-26 ms for 57 MB, load average 11-17), so the default is 1.
+    """
+
+    def __init__(self, copy_threads: int | None = None) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
         self.allocations = 0
         """Buffers allocated so far (steady state: unchanged between checkpoints)."""
         self.staged_bytes = 0
         """Bytes copied by the last :meth:`stage`."""
+        self.copy_threads = max(1, copy_threads or 1)
+        self._helpers: ThreadPoolExecutor | None = None
 
     @property
     def capacity_bytes(self) -> int:
@@ -50,10 +60,9 @@ class StagingArea:
         caller must not stage again while a writer still reads the previous snapshot.
         """
         self.staged_bytes = 0
-        pending_cuda = False
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def copy_in(path: str, tensor: torch.Tensor) -> torch.Tensor:
-            nonlocal pending_cuda
             source = tensor.detach()
             buffer = self._buffers.get(path)
             if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
@@ -61,8 +70,7 @@ class StagingArea:
                                      pin_memory=source.is_cuda)
                 self._buffers[path] = buffer
                 self.allocations += 1
-            buffer.copy_(source, non_blocking=source.is_cuda)
-            pending_cuda = pending_cuda or source.is_cuda
+            copies.append((buffer, source))
             self.staged_bytes += buffer.numel() * buffer.element_size()
             return buffer
 
@@ -83,6 +91,30 @@ class StagingArea:
             return copy.deepcopy(value)
 
         snapshot = walk("", state)
-        if pending_cuda:
-            torch.cuda.synchronize()
+        self._copy(copies)
         return snapshot
+
+    def _copy(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Run every ``buffer.copy_(source)``, split by bytes between this thread and the helpers."""
+        if any(source.is_cuda for _, source in copies):
+            for buffer, source in copies:
+                buffer.copy_(source, non_blocking=source.is_cuda)
+            torch.cuda.synchronize()
+            return
+        shares: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(max(1, self.copy_threads))]
+        loads = [0] * len(shares)
+        for pair in sorted(copies, key=lambda p: -p[0].numel() * p[0].element_size()):  # biggest first
+            lightest = loads.index(min(loads))
+            shares[lightest].append(pair)
+            loads[lightest] += pair[0].numel() * pair[0].element_size()
+        if len(shares) > 1 and self._helpers is None:
+            self._helpers = ThreadPoolExecutor(max_workers=len(shares) - 1, thread_name_prefix="staging-copy")
+        pending = [self._helpers.submit(_copy_all, share) for share in shares[1:] if share] if self._helpers else []
+        _copy_all(shares[0])
+        for done in pending:
+            done.result()
+
+
+def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for buffer, source in pairs:
+        buffer.copy_(source)

@@ -5,7 +5,8 @@
 * :mod:`ledger.store.format` — the SQLite file: creation, format marker, damage checks.
 * :mod:`ledger.store.log` — the SQLite backend and its one ``sqlite3`` error translator.
 * :mod:`ledger.store.queries` — every SQL read.
-* :mod:`ledger.store.postgres` (+ ``postgres_schema``) — the PostgreSQL backend: many runs in one database.
+* :mod:`ledger.store.postgres` — the PostgreSQL backend: many runs in one database (its layout in
+  ``postgres_schema``, its reads in ``postgres_reader``, listing every run in ``postgres_runs``).
 * :mod:`ledger.store.raw` — raw SQL that bypasses every rule, for fault-injection tests and benchmark floors.
 """
 

@@ -53,6 +53,7 @@ from ledger.store.interface import (
     Snapshot,
     StoredEvent,
     StoreHealth,
+    read_consistent,
 )
 
 BUSY_TIMEOUT_S = 30.0
@@ -221,8 +222,7 @@ class SqliteStore:
         if path.stat().st_size == 0:
             raise CorruptLedgerError(f"{path} is empty (0 bytes), not a ledger; restore it or use a new run directory")
         check_wal_pair(path)
-        with self.read():
-            pass  # checks the format marker
+        read_consistent(self, lambda reader: None)  # checks the format marker (retried if a writer raced it)
 
     def _open_writer(self) -> None:
         path = self.path

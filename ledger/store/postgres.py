@@ -54,23 +54,20 @@ from ledger.errors import (
     LedgerUnavailableError,
     LedgerWriteError,
 )
-from ledger.events import Event, decode, decode_many, encode, schema_of, tag_of
+from ledger.events import Event, encode, schema_of, tag_of
 from ledger.faults import crash_point
 from ledger.run_address import PostgresRun
 from ledger.store.interface import (
     OPERATOR_EPOCH,
-    EventChunk,
     MakeChecked,
     ReadModelMaintainer,
     ReadModelRows,
     Snapshot,
-    StoredEvent,
-    StoreHealth,
 )
+from ledger.store.log import new_event_ids
+from ledger.store.postgres_reader import EVENTS, PostgresReader
 from ledger.store.postgres_schema import SCHEMA, check_schema, ensure_schema
 
-#: Rows fetched and decoded per batch when streaming events (bounded memory).
-CHUNK_ROWS = 8192
 #: Snapshots kept per run: older ones are never needed (time travel replays from the closest).
 SNAPSHOTS_KEPT = 2
 #: A writer waits this long for another writer's lock on the same run before giving up.
@@ -81,9 +78,6 @@ IDLE_IN_TRANSACTION_TIMEOUT_S = 600
 NOTIFY_CHANNEL = "ckpt_ledger"
 CONNECT_TIMEOUT_S = 10
 
-_EVENTS = f"{SCHEMA}.events"
-_SELECT_EVENTS = f"SELECT seq, event_id, epoch, recorded_at, tag, schema_version, payload::text FROM {_EVENTS}"
-_SELECT_ENVELOPES = f"SELECT seq, epoch, recorded_at, tag, schema_version, payload::text FROM {_EVENTS}"
 
 
 @contextlib.contextmanager
@@ -134,139 +128,6 @@ def connect(address: PostgresRun, *, read_only: bool) -> psycopg.Connection:
     kwargs["options"] = " ".join(f"-c {k}={v}" for k, v in settings.items())
     with postgres_errors(str(address), "connect to the ledger database"):
         return psycopg.connect(autocommit=True, **kwargs)
-
-
-def _row_to_event(row: Sequence[Any]) -> StoredEvent:
-    seq, event_id, epoch, recorded_at, tag, schema_version, payload = row
-    return StoredEvent(seq=seq, event_id=event_id, epoch=epoch, recorded_at=recorded_at, tag=tag,
-                       schema_version=schema_version,
-                       event=decode(payload, tag=tag, schema_version=schema_version, seq=seq))
-
-
-def new_event_ids(n: int) -> list[str]:
-    """``n`` fresh random event ids."""
-    return [uuid.uuid4().hex for _ in range(n)]
-
-
-class PostgresReader:
-    """:class:`~ledger.store.interface.StoreReader` over one open transaction on a run's rows."""
-
-    def __init__(self, conn: psycopg.Connection, run: str, location: str) -> None:
-        self._conn = conn
-        self._run = run
-        self._location = location
-
-    def _one(self, sql: str, params: Sequence[Any]) -> Any:
-        row = self._conn.execute(sql, params).fetchone()
-        return row[0] if row else None
-
-    def max_seq(self) -> int:
-        return self._one(f"SELECT last_seq FROM {SCHEMA}.runs WHERE run = %s", (self._run,)) or 0
-
-    def max_epoch(self) -> int:
-        return self._one(f"SELECT max_epoch FROM {SCHEMA}.runs WHERE run = %s", (self._run,)) or 0
-
-    def _range(self, after: int, until: int | None) -> tuple[str, list[Any]]:
-        sql, args = " WHERE run = %s AND seq > %s", [self._run, after]
-        if until is not None:
-            sql += " AND seq <= %s"
-            args.append(until)
-        return sql, args
-
-    def _stream(self, sql: str, args: Sequence[Any]) -> Iterator[list[tuple]]:
-        # A server-side cursor: a million-event replay never sits in client memory at once.
-        with self._conn.cursor(name=f"ckpt_ledger_{uuid.uuid4().hex}") as cur:
-            cur.execute(sql, args)
-            while rows := cur.fetchmany(CHUNK_ROWS):
-                yield rows
-
-    def events(self, *, after: int = 0, until: int | None = None, tags: Sequence[str] | None = None,
-               limit: int | None = None) -> Iterator[StoredEvent]:
-        where, args = self._range(after, until)
-        if tags is not None:
-            where += " AND tag = ANY(%s)"
-            args.append(list(tags))
-        sql = _SELECT_EVENTS + where + " ORDER BY seq"
-        if limit is not None:
-            sql += " LIMIT %s"
-            args.append(limit)
-        for rows in self._stream(sql, args):
-            yield from map(_row_to_event, rows)
-
-    def chunks(self, *, after: int = 0, until: int | None = None) -> Iterator[EventChunk]:
-        where, args = self._range(after, until)
-        for rows in self._stream(_SELECT_ENVELOPES + where + " ORDER BY seq", args):
-            seqs, epochs, recorded, tags, schemas, payloads = zip(*rows)
-            yield EventChunk(seqs, epochs, recorded, decode_many(seqs, tags, schemas, payloads))
-
-    def checkpoint_events(self, checkpoint_id: str) -> list[StoredEvent]:
-        rows = self._conn.execute(_SELECT_EVENTS + " WHERE run = %s AND checkpoint_id = %s ORDER BY seq",
-                                  (self._run, checkpoint_id)).fetchall()
-        return [_row_to_event(r) for r in rows]
-
-    def stored_ids(self, event_ids: Sequence[str]) -> dict[str, int]:
-        """``event_id -> seq`` for those of ``event_ids`` already stored in this run."""
-        if not event_ids:
-            return {}
-        rows = self._conn.execute(f"SELECT event_id, seq FROM {_EVENTS} WHERE run = %s AND event_id = ANY(%s)",
-                                  (self._run, list(event_ids))).fetchall()
-        return dict(rows)
-
-    def snapshot_seq(self, *, at_most: int, projection_version: int) -> int:
-        return self._one(f"SELECT max(seq) FROM {SCHEMA}.snapshots WHERE run = %s AND seq <= %s "
-                         "AND projection_version = %s", (self._run, at_most, projection_version)) or 0
-
-    def snapshot(self, *, at_most: int, projection_version: int) -> Snapshot | None:
-        row = self._conn.execute(
-            f"SELECT seq, state FROM {SCHEMA}.snapshots WHERE run = %s AND seq <= %s AND projection_version = %s "
-            "ORDER BY seq DESC LIMIT 1", (self._run, at_most, projection_version)).fetchone()
-        return Snapshot(seq=row[0], projection_version=projection_version, state=bytes(row[1])) if row else None
-
-    def snapshot_count(self, *, projection_version: int) -> int:
-        return self._one(f"SELECT count(*) FROM {SCHEMA}.snapshots WHERE run = %s AND projection_version = %s",
-                         (self._run, projection_version))
-
-    def read_model_seq(self, *, version: int) -> int | None:
-        stored_version, seq = self.read_model_fact("version"), self.read_model_fact("seq")
-        if stored_version is None or seq is None or int(stored_version) != version:
-            return None
-        return int(seq)
-
-    def read_model_fact(self, key: str) -> bytes | None:
-        value = self._one(f"SELECT value FROM {SCHEMA}.rm_facts WHERE run = %s AND key = %s", (self._run, key))
-        return bytes(value) if value is not None else None
-
-    def read_model_checkpoint(self, checkpoint_id: str) -> bytes | None:
-        value = self._one(f"SELECT state FROM {SCHEMA}.rm_checkpoints WHERE run = %s AND checkpoint_id = %s",
-                          (self._run, checkpoint_id))
-        return bytes(value) if value is not None else None
-
-    def read_model_checkpoints(self) -> list[bytes]:
-        rows = self._conn.execute(f"SELECT state FROM {SCHEMA}.rm_checkpoints WHERE run = %s ORDER BY started_seq",
-                                  (self._run,)).fetchall()
-        return [bytes(r[0]) for r in rows]
-
-    def read_model_attempts(self) -> list[bytes]:
-        rows = self._conn.execute(f"SELECT state FROM {SCHEMA}.rm_attempts WHERE run = %s ORDER BY epoch",
-                                  (self._run,)).fetchall()
-        return [bytes(r[0]) for r in rows]
-
-    def health(self, *, thorough: bool = False) -> StoreHealth:
-        count, first, last, newest_epoch = self._conn.execute(
-            f"SELECT count(*), COALESCE(min(seq), 1), COALESCE(max(seq), 0), COALESCE(max(epoch), 0) "
-            f"FROM {_EVENTS} WHERE run = %s", (self._run,)).fetchone()
-        last_seq, max_epoch = self._conn.execute(
-            f"SELECT last_seq, max_epoch FROM {SCHEMA}.runs WHERE run = %s", (self._run,)).fetchone()
-        problems = []
-        if last_seq != last:
-            problems.append(f"runs.last_seq is {last_seq} but the newest stored event is seq {last}")
-        if thorough:
-            dupes = self._one(f"SELECT count(*) FROM (SELECT event_id FROM {_EVENTS} WHERE run = %s "
-                              "GROUP BY event_id HAVING count(*) > 1) d", (self._run,))
-            if dupes:
-                problems.append(f"{dupes} event id(s) stored more than once")
-        return StoreHealth(integrity=problems or ["ok"], events=count, first_seq=first, last_seq=last,
-                           max_epoch=max_epoch, newest_event_epoch=newest_epoch)
 
 
 def _write_read_model(conn: psycopg.Connection, run: str, rows: ReadModelRows) -> None:
@@ -439,24 +300,24 @@ class PostgresStore:
 
     def _insert(self, conn: psycopg.Connection, last_seq: int, items: Sequence[tuple[Event, str]],
                 epoch: int, *, max_epoch: int | None = None) -> list[int]:
-        now = time.time()
-        rows = []
-        for offset, (event, event_id) in enumerate(items, start=1):
-            tag = tag_of(event)
-            rows.append((self.run, last_seq + offset, event_id, epoch, now, tag, schema_of(tag),
-                         getattr(event, "checkpoint_id", None), encode(event).decode()))
-        with conn.cursor() as cur:
-            cur.executemany(
-                f"INSERT INTO {_EVENTS} (run, seq, event_id, epoch, recorded_at, tag, schema_version, "
-                "checkpoint_id, payload) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
-        new_last = last_seq + len(rows)
+        seqs = list(range(last_seq + 1, last_seq + 1 + len(items)))
+        tags = [tag_of(event) for event, _ in items]
+        # One statement whatever the batch size: the columns travel as (binary) arrays and unnest into rows.
+        conn.execute(
+            f"INSERT INTO {EVENTS} (run, seq, event_id, epoch, recorded_at, tag, schema_version, checkpoint_id, "
+            "payload) SELECT %s, seq, event_id, %s, %s, tag, schema_version, checkpoint_id, payload::json "
+            "FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::int[], %b::text[], %b::text[]) "
+            "AS e(seq, event_id, tag, schema_version, checkpoint_id, payload)",
+            (self.run, epoch, time.time(), seqs, [event_id for _, event_id in items], tags,
+             [schema_of(tag) for tag in tags], [getattr(event, "checkpoint_id", None) for event, _ in items],
+             [encode(event).decode() for event, _ in items]))
         if max_epoch is None:
-            conn.execute(f"UPDATE {SCHEMA}.runs SET last_seq = %s WHERE run = %s", (new_last, self.run))
+            conn.execute(f"UPDATE {SCHEMA}.runs SET last_seq = %s WHERE run = %s", (seqs[-1], self.run))
         else:
             conn.execute(f"UPDATE {SCHEMA}.runs SET last_seq = %s, max_epoch = %s WHERE run = %s",
-                         (new_last, max_epoch, self.run))
+                         (seqs[-1], max_epoch, self.run))
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, self.run))
-        return [row[1] for row in rows]
+        return seqs
 
     def append(self, events: Sequence[Event], *, epoch: int, event_ids: Sequence[str | None] | None = None,
                maintainer: ReadModelMaintainer | None = None) -> list[int]:

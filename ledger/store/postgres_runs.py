@@ -17,7 +17,8 @@ from typing import Iterator, Sequence
 import psycopg
 
 from ledger.run_address import PostgresRun
-from ledger.store.postgres import PostgresReader, connect, postgres_errors
+from ledger.store.postgres import connect, postgres_errors
+from ledger.store.postgres_reader import PostgresReader
 from ledger.store.postgres_schema import SCHEMA, check_schema
 
 
