@@ -30,6 +30,7 @@ def copy_run(run_dir, url: str) -> None:
     """Re-append a local run's log, event by event (same ids and epochs), to a PostgreSQL run whose
     ``run.started`` records the local run directory as its blob store (where the shards are)."""
     with Ledger.open(run_dir, read_only=True) as src, Ledger.open(url) as dst:
+        dst.promote_aliases = False  # the source's own alias.promoted events are copied like the rest
         for stored in src.events():
             ev = stored.event
             if isinstance(ev, RunStarted):
