@@ -216,7 +216,7 @@ def test_checkpoint_started_and_its_metric_are_appended_by_the_writer_in_order(t
         journal.gate.set()
     outcome = ckpt.wait(timeout_s=60)
     assert outcome.committed
-    tags = [e.tag for e in journal.ledger.events()]
+    tags = [e.tag for e in journal.ledger.events() if e.tag != "alias.promoted"]  # latest/best history aside
     assert tags[tags.index("checkpoint.started"):] == [
         "checkpoint.started", "metric.recorded", "shard.written", "shard.written", "checkpoint.committed"]
     assert journal.projection().checkpoints[outcome.checkpoint_id].status == "committed"

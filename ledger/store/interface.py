@@ -214,7 +214,9 @@ class LedgerStore(Protocol):
         """Append atomically (fenced, idempotent by ``event_ids``; ``None`` ids are minted); returns the seqs.
 
         A repeated id inside one call raises ``ValueError``. With ``maintainer``, its
-        rows for the new events are written in the same transaction.
+        rows for the new events are written in the same transaction; an empty ``events``
+        with a ``maintainer`` stores no event and only brings the read model up to the log
+        (a writer's rebuild on open).
         """
 
     def append_checked(self, make: MakeChecked, *, checkpoint_id: str, epoch: int, event_id: str,

@@ -43,7 +43,7 @@ _STRATEGIES = dict(
 )
 
 
-@settings(max_examples=20)  # each example opens a reader and folds the prefix after every append
+@settings(max_examples=15)  # each example opens a reader and folds the prefix after every append
 @given(**_STRATEGIES)
 def test_read_model_equals_full_replay_at_every_prefix(entries: list[Entry], schedule: list[str]):
     with tempfile.TemporaryDirectory() as tmp:
