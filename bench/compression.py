@@ -4,7 +4,7 @@ The weights come from a small decoder-style transformer (~6M parameters) trained
 few dozen AdamW steps on a synthetic next-token task — default init moved by real
 gradient updates, not random bytes and not zeros. All tensors of the state dict are
 concatenated into one shard, as a rank's file would hold them. Both codecs run at
-zstd level 3, single-threaded, through ``ledger.codecs`` (what ``LocalBlobStore``
+zstd level 3, single-threaded, through ``ledger.shard_codecs`` (what ``LocalBlobStore``
 uses). Sizes are exact; speeds are medians of interleaved repetitions.
 Run alone: ``python bench/compression.py``.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bench.harness import Context, Record, benchmark, interleaved, median, spread
-from ledger import codecs
+from ledger import shard_codecs
 
 VOCAB, D_MODEL, LAYERS, SEQ = 4096, 256, 4, 64
 
@@ -70,13 +70,13 @@ def shard_bytes(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> bytes:
 def _compare(ctx: Context, label: str, data: bytes, itemsize: int) -> list[Record]:
     reps = ctx.reps(3, 7)
     mb = len(data) / 1e6
-    plain = codecs.encode(data, "zstd")
-    grouped = codecs.encode(data, "zstd-bg")
-    if codecs.decode(grouped, "zstd-bg") != data or codecs.decode(plain, "zstd") != data:
+    plain = shard_codecs.encode(data, "zstd")
+    grouped = shard_codecs.encode(data, "zstd-bg")
+    if shard_codecs.decode(grouped, "zstd-bg") != data or shard_codecs.decode(plain, "zstd") != data:
         raise RuntimeError(f"{label}: a codec did not round-trip")
     chosen = grouped[5]
-    enc_bg, enc_z = interleaved(lambda: codecs.encode(data, "zstd-bg"), lambda: codecs.encode(data, "zstd"), reps)
-    dec_bg, dec_z = interleaved(lambda: codecs.decode(grouped, "zstd-bg"), lambda: codecs.decode(plain, "zstd"), reps)
+    enc_bg, enc_z = interleaved(lambda: shard_codecs.encode(data, "zstd-bg"), lambda: shard_codecs.encode(data, "zstd"), reps)
+    dec_bg, dec_z = interleaved(lambda: shard_codecs.decode(grouped, "zstd-bg"), lambda: shard_codecs.decode(plain, "zstd"), reps)
     bg_frac, z_frac = len(grouped) / len(data), len(plain) / len(data)
     detail = {"raw_bytes": len(data), "zstd_bytes": len(plain), "zstd_bg_bytes": len(grouped),
               "zstd_ratio": 1 / z_frac, "zstd_bg_ratio": 1 / bg_frac, "itemsize_chosen": chosen,

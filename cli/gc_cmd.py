@@ -11,7 +11,7 @@ import click
 from cli.options import check_run_dir, duration_option, json_option, open_read_only, run_dir_argument
 from cli.tables import human_bytes, render_table
 from ledger import Ledger, RetentionPolicy
-from ledger.gc import GcPlan, StrayFile, execute_gc, plan_gc
+from ledger.garbage import GcPlan, StrayFile, execute_gc, plan_gc
 from ledger.retention import Deletion
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ledger import decisions
 from ledger.blobs import parse_location
 from ledger.errors import CorruptBlobError
-from ledger.gc import may_be_in_progress, stray_files, stray_uploads
+from ledger.garbage import may_be_in_progress, stray_files, stray_uploads
 from ledger.health import (
     CREATION_LEFTOVER,
     FENCING,

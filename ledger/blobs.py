@@ -32,7 +32,7 @@ from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import xxhash
 
-from ledger import codecs
+from ledger import shard_codecs
 from ledger.direct_io import open_direct
 from ledger.errors import CorruptBlobError, LedgerWriteError
 from ledger.faults import crash_point
@@ -44,7 +44,7 @@ HASHERS = {
     "xxh3-128": xxhash.xxh3_128,
     "blake2b": lambda: hashlib.blake2b(digest_size=32),
 }
-CODECS = codecs.CODECS
+CODECS = shard_codecs.CODECS
 #: Bytes read at a time when hashing a stored blob.
 _HASH_CHUNK = 8 << 20
 #: Buffers per ``writev`` call (POSIX guarantees at least 16; Linux allows 1024).
@@ -231,7 +231,7 @@ class BlobStore(ABC):
 
     def write(self, location: str, data: bytes | memoryview, *, codec: str = "none", level: int = 3) -> BlobInfo:
         """Durably and atomically store ``data`` (encoded by ``codec``) at ``location``."""
-        payload = codecs.encode(data, codec, level=level)
+        payload = shard_codecs.encode(data, codec, level=level)
         with self.open_atomic(location) as sink:
             sink.write(payload)
         return BlobInfo(location=location, bytes=sink.size, hash=sink.hash, codec=codec)
@@ -254,7 +254,7 @@ class BlobStore(ABC):
                     f"shard {location} hash {found} does not match the ledger's {expected_hash}",
                     location=location, expected_hash=expected_hash, found_hash=found,
                 )
-        return codecs.decode(data, codec, location=location)
+        return shard_codecs.decode(data, codec, location=location)
 
     def hash_file(self, location: str, algo: str = HASH_ALGO,
                   progress: HashProgress | None = None) -> tuple[str, int]:

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import urlsplit
 
-from ledger import codecs
+from ledger import shard_codecs
 from ledger.blobs import (
     HASH_ALGO,
     BlobWriter,
@@ -170,7 +170,7 @@ class FsspecBlobStore(BlobStore):
             if found != expected_hash:
                 raise CorruptBlobError(f"shard {location} hash {found} does not match the ledger's {expected_hash}",
                                        location=location, expected_hash=expected_hash, found_hash=found)
-        return codecs.decode(data, codec, location=location)
+        return shard_codecs.decode(data, codec, location=location)
 
     def hash_file(self, location: str, algo: str = HASH_ALGO,
                   progress: HashProgress | None = None) -> tuple[str, int]:

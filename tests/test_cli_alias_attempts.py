@@ -11,7 +11,7 @@ from runs import build_crashed_run, build_healthy_run, cid_for, run_main, save_c
 
 from ledger import Ledger, RetentionPolicy
 from ledger.events import AttemptEnded, MetricRecorded
-from ledger.gc import retention_pass
+from ledger.garbage import retention_pass
 
 
 def _json(capsys, *argv: str) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ledger import CorruptBlobError, LocalBlobStore, SchemaTooNewError
-from ledger import codecs
+from ledger import shard_codecs
 
 
 def _weights(dtype: torch.dtype, n: int, seed: int = 0) -> bytes:
@@ -18,45 +18,45 @@ def _weights(dtype: torch.dtype, n: int, seed: int = 0) -> bytes:
     return t.view(torch.uint8).numpy().tobytes()
 
 
-@pytest.mark.parametrize("codec", codecs.CODECS)
+@pytest.mark.parametrize("codec", shard_codecs.CODECS)
 @pytest.mark.parametrize(
     ("dtype", "n"),
     [(torch.float32, 4099), (torch.bfloat16, 10001), (torch.float16, 333), (torch.int8, 777), (torch.float64, 65)],
 )
 def test_round_trip_is_exact(codec, dtype, n):
     data = _weights(dtype, n)
-    encoded = codecs.encode(data, codec)
-    assert bytes(codecs.decode(bytes(encoded), codec)) == data
+    encoded = shard_codecs.encode(data, codec)
+    assert bytes(shard_codecs.decode(bytes(encoded), codec)) == data
 
 
 @pytest.mark.parametrize("itemsize", [1, 2, 3, 4, 8, 16])
 @pytest.mark.parametrize("length", [0, 1, 2, 3, 5, 17, 4096, 4097])
 def test_byte_grouped_any_length_and_itemsize(itemsize, length):
     data = np.random.default_rng(length).integers(0, 8, size=length, dtype=np.uint8).tobytes()
-    encoded = codecs.encode(data, "zstd-bg", itemsize=itemsize)
+    encoded = shard_codecs.encode(data, "zstd-bg", itemsize=itemsize)
     assert encoded[4 + 1] == itemsize  # recorded in the header
-    assert codecs.decode(encoded, "zstd-bg") == data
+    assert shard_codecs.decode(encoded, "zstd-bg") == data
 
 
 def test_byte_grouping_shrinks_float_weights_and_uses_the_views_itemsize():
     data = np.frombuffer(_weights(torch.float32, 1 << 16), dtype=np.float32)
-    grouped = codecs.encode(memoryview(data), "zstd-bg")
-    plain = codecs.encode(data.tobytes(), "zstd")
+    grouped = shard_codecs.encode(memoryview(data), "zstd-bg")
+    plain = shard_codecs.encode(data.tobytes(), "zstd")
     assert grouped[5] == 4
     assert len(grouped) < len(plain)
 
 
 def test_probe_groups_floats_by_their_width():
-    assert codecs.choose_itemsize(_weights(torch.float32, 1 << 17)) == 4
-    assert codecs.choose_itemsize(_weights(torch.bfloat16, 1 << 17)) == 2
+    assert shard_codecs.choose_itemsize(_weights(torch.float32, 1 << 17)) == 4
+    assert shard_codecs.choose_itemsize(_weights(torch.bfloat16, 1 << 17)) == 2
 
 
 def test_non_float_data_falls_back_to_about_plain_zstd():
     words = np.random.default_rng(0).choice([b"alpha", b"beta", b"gamma", b"delta", b" ", b"\n"], size=200_000)
     text = b"".join(words.tolist())
-    encoded = codecs.encode(text, "zstd-bg")
-    assert codecs.decode(encoded, "zstd-bg") == text
-    assert len(encoded) <= 1.02 * len(codecs.encode(text, "zstd")) + 16
+    encoded = shard_codecs.encode(text, "zstd-bg")
+    assert shard_codecs.decode(encoded, "zstd-bg") == text
+    assert len(encoded) <= 1.02 * len(shard_codecs.encode(text, "zstd")) + 16
 
 
 @pytest.mark.parametrize(
@@ -71,23 +71,23 @@ def test_non_float_data_falls_back_to_about_plain_zstd():
     ],
 )
 def test_corrupt_byte_grouped_data_raises(mangle, match):
-    encoded = codecs.encode(_weights(torch.float32, 5000), "zstd-bg")
+    encoded = shard_codecs.encode(_weights(torch.float32, 5000), "zstd-bg")
     with pytest.raises(CorruptBlobError, match=match):
-        codecs.decode(mangle(encoded), "zstd-bg", location="blobs/c/e1/rank0.bin")
+        shard_codecs.decode(mangle(encoded), "zstd-bg", location="blobs/c/e1/rank0.bin")
 
 
 def test_corrupt_zstd_raises_and_unknown_codecs_are_refused():
     with pytest.raises(CorruptBlobError, match="rank0.bin is not a valid zstd stream"):
-        codecs.decode(b"not zstd at all", "zstd", location="rank0.bin")
+        shard_codecs.decode(b"not zstd at all", "zstd", location="rank0.bin")
     with pytest.raises(SchemaTooNewError, match="codec 'lz9'"):
-        codecs.decode(b"", "lz9")
+        shard_codecs.decode(b"", "lz9")
     with pytest.raises(ValueError, match="unknown codec"):
-        codecs.encode(b"", "lz9")
+        shard_codecs.encode(b"", "lz9")
     with pytest.raises(SchemaTooNewError, match="zstd-bg format 9"):
-        codecs.decode(b"CKBG\x09\x04" + bytes(10), "zstd-bg")
+        shard_codecs.decode(b"CKBG\x09\x04" + bytes(10), "zstd-bg")
 
 
-@pytest.mark.parametrize("codec", codecs.CODECS)
+@pytest.mark.parametrize("codec", shard_codecs.CODECS)
 def test_blob_store_records_and_reads_back_every_codec(tmp_path, codec):
     store = LocalBlobStore(tmp_path)
     data = _weights(torch.bfloat16, 3001)
@@ -109,6 +109,6 @@ def test_grouping_piece_by_piece_inverts_piece_by_piece(itemsize):
     """What a streaming encoder relies on: pieces a multiple of ``itemsize`` long group and ungroup alone."""
     data = _weights(torch.float32, 1001)[:-1] + b"\x01\x02\x03"  # a length no itemsize divides
     piece = 64 * itemsize
-    grouped = [codecs.group_bytes(data[i : i + piece], itemsize) for i in range(0, len(data), piece)]
-    assert b"".join(codecs.ungroup_bytes(g, itemsize) for g in grouped) == data
-    assert codecs.group_bytes(data[:piece], itemsize)[: 64] == data[:piece : itemsize]  # byte 0 of each element first
+    grouped = [shard_codecs.group_bytes(data[i : i + piece], itemsize) for i in range(0, len(data), piece)]
+    assert b"".join(shard_codecs.ungroup_bytes(g, itemsize) for g in grouped) == data
+    assert shard_codecs.group_bytes(data[:piece], itemsize)[: 64] == data[:piece : itemsize]  # byte 0 of each element first

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTra
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ledger import CorruptBlobError, SchemaTooNewError
-from ledger.codecs import group_bytes
+from ledger.shard_codecs import group_bytes
 from trainer import dcp_codec
 from trainer.dcp_codec import CHECKPOINT_CODECS, ByteGroupedZstd, reader_registry, writer_extensions
 

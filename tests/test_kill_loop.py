@@ -25,7 +25,7 @@ import pytest
 from ledger import Ledger, RetentionPolicy
 from ledger.audit import audit
 from ledger.events import AttemptEnded, ShardWritten, StepCompleted
-from ledger.gc import execute_gc, plan_gc
+from ledger.garbage import execute_gc, plan_gc
 
 KILLS = int(os.environ.get("CKPT_LEDGER_KILLS", "800"))
 POLICY = RetentionPolicy(keep_last=2)

@@ -8,14 +8,14 @@ rebuilds the decoders from them through an ``ExtensionRegistry``
 (``FileSystemReader(_extension_registry=...)``). So one reader serves every codec, and a
 checkpoint written without extensions (no descriptors) loads as before.
 
-Codecs (the names of ``ledger.codecs.CODECS``):
+Codecs (the names of ``ledger.shard_codecs.CODECS``):
 
 * ``none``    — no extension: DCP's plain format.
 * ``zstd``    — one zstd frame per item, descriptor ``stream.zstd/1``: the same format as
   DCP's built-in ``ZStandard`` extension (which can read it), but written *with* a frame
   checksum — without one, zstd lets almost every flipped bit through as wrong bytes.
 * ``zstd-bg`` — byte-grouped zstd (:class:`ByteGroupedZstd`): the item's bytes are cut
-  into fixed-size chunks, each chunk is byte-grouped (``ledger.codecs.group_bytes``: byte
+  into fixed-size chunks, each chunk is byte-grouped (``ledger.shard_codecs.group_bytes``: byte
   0 of every element, then byte 1, ...) and all chunks go through one checksummed zstd
   frame. Float exponent bytes are near-constant once grouped, so this compresses trained
   fp32/bf16 weights noticeably better than ``zstd``.
@@ -56,7 +56,7 @@ import torch
 import zstandard
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 
-from ledger.codecs import group_bytes, ungroup_bytes
+from ledger.shard_codecs import group_bytes, ungroup_bytes
 from ledger.errors import CorruptBlobError, SchemaTooNewError
 
 #: The codecs a run may choose for its DCP files.

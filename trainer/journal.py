@@ -31,7 +31,7 @@ from ledger.events import (
     StepCompleted,
 )
 from ledger.faults import crash_point
-from ledger.gc import retention_pass
+from ledger.garbage import retention_pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +188,7 @@ class RunJournal:
         """Run the retention pass after a commit; returns the deleted checkpoint ids.
 
         Besides the policy, it collects what older (fenced, crashed, ended) attempts left: torn
-        saves and stray files under their epoch directories (:func:`ledger.gc.retention_pass`).
+        saves and stray files under their epoch directories (:func:`ledger.garbage.retention_pass`).
         """
         done = self._guard(lambda: retention_pass(self.ledger, policy, epoch=self.epoch))
         return [d.checkpoint_id for d in done.deletions] if done is not None else []
