@@ -29,17 +29,22 @@ class StopReason(IntEnum):
 
 
 class PreemptionWatch:
-    """Catches SIGTERM/SIGUSR1 and remembers the first one, until :meth:`uninstall`."""
+    """Catches SIGTERM/SIGUSR1 and remembers the first one, until :meth:`uninstall`.
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS) -> None:
+    ``chain=True`` also calls whatever handler was installed before (a framework's own,
+    e.g. Lightning's SLURM requeue): used inside someone else's training loop.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS, *, chain: bool = False) -> None:
         self._signals = signals
+        self._chain = chain
         self._previous: dict[signal.Signals, Any] = {}
         self.received: str | None = None
         """Name of the first preemption signal received (e.g. ``"SIGTERM"``), else ``None``."""
 
     def install(self) -> "PreemptionWatch":
         """Start catching the signals (a no-op off the main thread, where Python cannot)."""
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread() or self._previous:
             return self
         for sig in self._signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -55,6 +60,10 @@ class PreemptionWatch:
         # Only a flag: the loop checkpoints at the next step boundary.
         if self.received is None:
             self.received = signal.Signals(signum).name
+        previous = self._previous.get(signal.Signals(signum)) if self._chain else None
+        # SIG_DFL would end the process (SIGTERM's default): the flag replaces it; SIG_IGN is nothing to call.
+        if callable(previous):
+            previous(signum, frame)
 
     def __enter__(self) -> "PreemptionWatch":
         return self.install()

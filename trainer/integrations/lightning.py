@@ -34,7 +34,7 @@ from typing import Any
 from ledger import FencedError, RetentionPolicy
 from trainer.integrations import require
 from trainer.integrations.recorder import CheckpointRecorder, find_resume_target
-from trainer.integrations.signals import PreemptionFlag
+from trainer.preemption import PreemptionWatch
 
 _pl = require("lightning.pytorch", "lightning")
 _SIGTERMException = require("lightning.pytorch.utilities.exceptions", "lightning").SIGTERMException
@@ -69,7 +69,7 @@ class LedgerCheckpoint(_pl.callbacks.Checkpoint):
             policy=RetentionPolicy(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best),
             best_metric=monitor, best_mode=mode, settings={"every_n_train_steps": every_n_train_steps},
         )
-        self._flag = PreemptionFlag()
+        self._flag = PreemptionWatch(chain=True)
         self._last_saved_step: int | None = None
         self._last_seen_step: int | None = None
         self._stopping = False  # a preemption signal was acted on: nothing more is saved or recorded

@@ -35,7 +35,7 @@ from typing import Any
 from ledger import RetentionPolicy
 from trainer.integrations import require
 from trainer.integrations.recorder import CheckpointRecorder, ResumeTarget, find_resume_target
-from trainer.integrations.signals import PreemptionFlag
+from trainer.preemption import PreemptionWatch
 
 _hf = require("transformers", "transformers")
 
@@ -65,7 +65,7 @@ class LedgerCallback(_hf.TrainerCallback):
             policy=RetentionPolicy(keep_last=keep_last, keep_every=keep_every, keep_best=keep_best),
             best_metric=metric, best_mode=mode,
         )
-        self._flag = PreemptionFlag()
+        self._flag = PreemptionWatch(chain=True)
         self._preempted_by: str | None = None
         self._stack = "transformers"
 
