@@ -23,7 +23,7 @@ from ledger import LedgerWriteError
 from trainer import Trainer, TrainerConfig
 from trainer.checkpointing import BackgroundCheckpointError
 from trainer.default_job import JobSpec, default_job
-from trainer.journal import RunJournal
+from trainer.run_recorder import RunRecorder
 from trainer.staging import StagingArea
 
 
@@ -63,14 +63,14 @@ def main() -> int:
     model_fn, data_fn, loss_fn, _ = default_job(JobSpec())
 
     if args.scenario == "commit_fails" and int(os.environ["RANK"]) == 0:
-        real_commit = RunJournal.record_and_commit
+        real_commit = RunRecorder.record_and_commit
 
         def failing_commit(self, checkpoint_id, shards):  # noqa: ANN001, ANN202
             if checkpoint_id.startswith("step000010"):
                 raise LedgerWriteError("disk I/O error while appending to the ledger (injected)")
             return real_commit(self, checkpoint_id, shards)
 
-        RunJournal.record_and_commit = failing_commit
+        RunRecorder.record_and_commit = failing_commit
 
     trainer = Trainer(config, model_fn=model_fn, data_fn=data_fn, loss_fn=loss_fn)
     allocations: list[int] = []

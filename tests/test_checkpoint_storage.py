@@ -24,7 +24,7 @@ from ledger import Ledger, LocalBlobStore, RetentionPolicy
 from trainer.checkpoint_storage import ITEM_ALIGNMENT, LedgerStorageReader, LedgerStorageWriter
 from trainer.checkpointing import Candidate, Checkpointer
 from trainer.dcp_codec import CHECKPOINT_CODECS, reader_registry
-from trainer.journal import RunJournal
+from trainer.run_recorder import RunRecorder
 from trainer.process_group import free_port, init_distributed
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -144,8 +144,8 @@ class GatedStore(LocalBlobStore):
         return super().open_atomic(location)
 
 
-class GatedJournal(RunJournal):
-    """A journal whose ``checkpoint.started`` waits for the test to open the gate."""
+class GatedJournal(RunRecorder):
+    """A recorder whose ``checkpoint.started`` waits for the test to open the gate."""
 
     gate: threading.Event
 
@@ -154,22 +154,22 @@ class GatedJournal(RunJournal):
         return super().begin_checkpoint(*args, **kwargs)
 
 
-def start_attempt(journal: RunJournal) -> int:
-    journal.start_run({}, "cfg", None)
-    return journal.begin_attempt(world_size=1, stack="ddp", topology={"dp": 1, "tp": 1, "pp": 1}, resumed_from=None,
+def start_attempt(recorder: RunRecorder) -> int:
+    recorder.start_run({}, "cfg", None)
+    return recorder.begin_attempt(world_size=1, stack="ddp", topology={"dp": 1, "tp": 1, "pp": 1}, resumed_from=None,
                                  slurm=None, previous_topology=None)
 
 
-def checkpointer(ctx, blobs, journal) -> Checkpointer:  # noqa: ANN001
-    return Checkpointer(ctx, blobs, journal, stack="ddp", topology={"dp": 1, "tp": 1, "pp": 1},
+def checkpointer(ctx, blobs, recorder) -> Checkpointer:  # noqa: ANN001
+    return Checkpointer(ctx, blobs, recorder, stack="ddp", topology={"dp": 1, "tp": 1, "pp": 1},
                         retention=RetentionPolicy(), background=True)
 
 
 @pytest.mark.timeout(180)
 def test_a_users_torch_save_during_a_background_checkpoint_behaves_normally(tmp_path, one_rank):
-    store, journal = GatedStore(tmp_path), RunJournal(str(tmp_path))
-    epoch = start_attempt(journal)
-    ckpt = checkpointer(one_rank, store, journal)
+    store, recorder = GatedStore(tmp_path), RunRecorder(str(tmp_path))
+    epoch = start_attempt(recorder)
+    ckpt = checkpointer(one_rank, store, recorder)
     state = {"model": {"w": torch.randn(256, 256)}}
     assert ckpt.save_async(state, step=1, epoch=epoch) is None
     assert store.writing.wait(60)
@@ -189,45 +189,45 @@ def test_a_users_torch_save_during_a_background_checkpoint_behaves_normally(tmp_
         store.gate.set()
     outcome = ckpt.wait(timeout_s=60)
     assert outcome.committed
-    view = journal.projection()
+    view = recorder.projection()
     candidate = Candidate.of(view.checkpoints[outcome.checkpoint_id])
     assert ckpt.verify(candidate) == []
     loaded = {"model": {"w": torch.zeros(256, 256)}}
     ckpt.load(candidate, loaded)
     assert torch.equal(loaded["model"]["w"], state["model"]["w"])
-    journal.close()
+    recorder.close()
 
 
 @pytest.mark.timeout(180)
 def test_checkpoint_started_and_its_metric_are_appended_by_the_writer_in_order(tmp_path, one_rank):
-    journal = GatedJournal(str(tmp_path))
-    journal.gate = threading.Event()
-    journal.gate.set()
-    epoch = start_attempt(journal)
-    journal.gate.clear()
-    ckpt = checkpointer(one_rank, LocalBlobStore(tmp_path), journal)
+    recorder = GatedJournal(str(tmp_path))
+    recorder.gate = threading.Event()
+    recorder.gate.set()
+    epoch = start_attempt(recorder)
+    recorder.gate.clear()
+    ckpt = checkpointer(one_rank, LocalBlobStore(tmp_path), recorder)
     try:
         assert ckpt.save_async({"w": torch.randn(64)}, step=5, epoch=epoch) is None
         # The training thread is back while checkpoint.started is still held up on the writer.
-        assert "checkpoint.started" not in [e.tag for e in journal.ledger.events()]
+        assert "checkpoint.started" not in [e.tag for e in recorder.ledger.events()]
         ckpt.record_metric("eval_loss", 0.5, step=5, checkpoint_id=ckpt.in_flight)
-        assert "metric.recorded" not in [e.tag for e in journal.ledger.events()]
+        assert "metric.recorded" not in [e.tag for e in recorder.ledger.events()]
     finally:
-        journal.gate.set()
+        recorder.gate.set()
     outcome = ckpt.wait(timeout_s=60)
     assert outcome.committed
-    tags = [e.tag for e in journal.ledger.events() if e.tag != "alias.promoted"]  # latest/best history aside
+    tags = [e.tag for e in recorder.ledger.events() if e.tag != "alias.promoted"]  # latest/best history aside
     assert tags[tags.index("checkpoint.started"):] == [
         "checkpoint.started", "metric.recorded", "shard.written", "shard.written", "checkpoint.committed"]
-    assert journal.projection().checkpoints[outcome.checkpoint_id].status == "committed"
-    journal.close()
+    assert recorder.projection().checkpoints[outcome.checkpoint_id].status == "committed"
+    recorder.close()
 
 
 @pytest.mark.timeout(180)
 def test_a_fenced_writer_removes_the_files_nothing_records(tmp_path, one_rank):
-    store, journal = GatedStore(tmp_path), RunJournal(str(tmp_path))
-    epoch = start_attempt(journal)
-    ckpt = checkpointer(one_rank, store, journal)
+    store, recorder = GatedStore(tmp_path), RunRecorder(str(tmp_path))
+    epoch = start_attempt(recorder)
+    ckpt = checkpointer(one_rank, store, recorder)
     ckpt.save_async({"w": torch.randn(1000)}, step=3, epoch=epoch)
     assert store.writing.wait(60)
     newer = Ledger.open(tmp_path)  # a second attempt takes over while the files are being written
@@ -236,9 +236,9 @@ def test_a_fenced_writer_removes_the_files_nothing_records(tmp_path, one_rank):
     store.gate.set()
     outcome = ckpt.wait(timeout_s=60)
     assert outcome.fenced and not outcome.committed and outcome.fenced_by == epoch + 1
-    assert journal.fenced_by == epoch + 1  # what the training loop acts on at its next step boundary
+    assert recorder.fenced_by == epoch + 1  # what the training loop acts on at its next step boundary
     assert list(store.list_files()) == []  # written, never recorded: removed
-    journal.close()
+    recorder.close()
 
 
 def test_projecting_the_ledger_off_the_main_thread_leaves_the_garbage_collector_alone(tmp_path):

@@ -152,22 +152,22 @@ def test_next_attempts_retention_pass_collects_a_fenced_attempts_leftovers(run_d
     assert any(f.kind == "fenced_attempt" and f"fenced by epoch {new}" in f.message for f in report.notes)
 
 
-def test_a_fenced_journal_records_attempt_ended_fenced(run_dir):
-    from trainer.journal import RunJournal
+def test_a_fenced_recorder_records_attempt_ended_fenced(run_dir):
+    from trainer.run_recorder import RunRecorder
 
-    journal = RunJournal(str(run_dir))
-    journal.start_run({}, "h", None)
-    journal.begin_attempt(world_size=1, stack="ddp", topology={}, resumed_from=None, slurm=None,
+    recorder = RunRecorder(str(run_dir))
+    recorder.start_run({}, "h", None)
+    recorder.begin_attempt(world_size=1, stack="ddp", topology={}, resumed_from=None, slurm=None,
                           previous_topology=None)
-    journal.step_completed(3, {"loss": 1.0})
-    journal.flush_steps()
+    recorder.step_completed(3, {"loss": 1.0})
+    recorder.flush_steps()
     with Ledger.open(run_dir) as other:
         newer = other.begin_attempt().epoch
-    journal.step_completed(4, {"loss": 1.0})
-    journal.flush_steps()  # refused: fenced
-    journal.close()
+    recorder.step_completed(4, {"loss": 1.0})
+    recorder.flush_steps()  # refused: fenced
+    recorder.close()
     view = Ledger.open(run_dir, read_only=True).projection()
     first = view.attempts[0]
     assert (first.status, first.fenced_by, first.last_step) == ("fenced", newer, 4)
-    assert journal.fenced_by == newer
+    assert recorder.fenced_by == newer
     time.sleep(0)  # (no clock involved: status comes from the log)

@@ -119,17 +119,17 @@ def test_preemption_watch_only_records_the_first_signal():
 
 
 def test_a_diverged_loss_is_left_out_of_the_record_instead_of_failing_the_attempt(tmp_path, capsys):
-    from trainer.journal import RunJournal
+    from trainer.run_recorder import RunRecorder
 
-    journal = RunJournal(str(tmp_path))
-    journal.begin_attempt(world_size=1, stack="ddp", topology={"tp": 1, "pp": 1, "dp": 1}, resumed_from=None,
+    recorder = RunRecorder(str(tmp_path))
+    recorder.begin_attempt(world_size=1, stack="ddp", topology={"tp": 1, "pp": 1, "dp": 1}, resumed_from=None,
                           slurm=None, previous_topology=None)
-    journal.step_completed(1, {"loss": 2.5, "lr": 0.1})
-    journal.step_completed(2, {"loss": float("nan"), "lr": 0.1})
-    journal.flush_steps()
-    journal.metric("eval_loss", float("inf"), 2, None)
-    journal.metric("eval_loss", 1.5, 2, None)
-    journal.close()
+    recorder.step_completed(1, {"loss": 2.5, "lr": 0.1})
+    recorder.step_completed(2, {"loss": float("nan"), "lr": 0.1})
+    recorder.flush_steps()
+    recorder.metric("eval_loss", float("inf"), 2, None)
+    recorder.metric("eval_loss", 1.5, 2, None)
+    recorder.close()
     assert "loss=nan is not finite" in capsys.readouterr().err
     led = Ledger.open(tmp_path, read_only=True)
     steps = [e.event for e in led.events() if e.tag == "step.completed"]

@@ -13,11 +13,11 @@ from trainer.identity import code_id, entry_script, ledger_version, user_code_id
 
 USER_SCRIPT = """
 import sys
-from trainer.journal import RunJournal
+from trainer.run_recorder import RunRecorder
 from trainer.identity import user_code_id, ledger_version
-journal = RunJournal(sys.argv[1])
-journal.start_run({}, "h", user_code_id(), ledger_version=ledger_version())
-journal.close()
+recorder = RunRecorder(sys.argv[1])
+recorder.start_run({}, "h", user_code_id(), ledger_version=ledger_version())
+recorder.close()
 """
 
 

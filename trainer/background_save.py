@@ -7,7 +7,7 @@ that order, using a process group of its own so its collectives never interleave
 the training loop's. At most one checkpoint is in flight. The training thread picks up
 the outcome with :meth:`BackgroundSave.poll` (at a step boundary) or
 :meth:`BackgroundSave.wait`; a writer that fails beyond a recorded abort surfaces there
-as :class:`BackgroundCheckpointError`. Fencing learned by the writer is in the journal,
+as :class:`BackgroundCheckpointError`. Fencing learned by the writer is in the recorder,
 where the training loop looks at every step boundary.
 """
 

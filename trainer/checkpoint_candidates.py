@@ -24,7 +24,7 @@ from ledger import BlobStore, CorruptBlobError
 from ledger.blobs import format_hash, hash_algo_of, new_hasher
 from ledger.projection import CheckpointState
 from trainer.checkpoint_storage import DCP_METADATA_FILE, LedgerStorageReader
-from trainer.journal import ShardFact
+from trainer.run_recorder import ShardFact
 from trainer.process_group import DistContext
 from trainer.train_state import SafeLoadPlanner
 

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ledger import BlobStore, IncompleteCheckpointError, LedgerError, RetentionPolicy
 from ledger.faults import crash_point
 from trainer.checkpoint_storage import LedgerStorageWriter
-from trainer.journal import RunJournal, ShardFact
+from trainer.run_recorder import RunRecorder, ShardFact
 from trainer.process_group import DistContext, broadcast_object, gather_objects
 
 
@@ -83,11 +83,11 @@ class SaveOutcome:
 class CommitProtocol:
     """Runs :func:`begin` and :func:`complete` of one checkpoint for this rank (see the module docstring)."""
 
-    def __init__(self, ctx: DistContext, blobs: BlobStore, journal: RunJournal | None, *, stack: str,
+    def __init__(self, ctx: DistContext, blobs: BlobStore, recorder: RunRecorder | None, *, stack: str,
                  topology: dict[str, int], retention: RetentionPolicy, codec: str = "none") -> None:
         self.ctx = ctx
         self.blobs = blobs
-        self.journal = journal
+        self.recorder = recorder
         self.stack = stack
         self.topology = topology
         self.retention = retention
@@ -96,9 +96,9 @@ class CommitProtocol:
     def begin(self, checkpoint_id: str, step: int, group: dist.ProcessGroup | None) -> SaveOutcome | None:
         """Phase 1: rank 0 appends ``checkpoint.started``; ``None`` to go on, or the fenced outcome for all."""
         fenced_by = None
-        if self.journal is not None and not self.journal.begin_checkpoint(
+        if self.recorder is not None and not self.recorder.begin_checkpoint(
                 checkpoint_id, step, self.ctx.world_size, self.stack, self.topology):
-            fenced_by = self.journal.fenced_by
+            fenced_by = self.recorder.fenced_by
         fenced_by = broadcast_object(fenced_by, group=group)
         if fenced_by is not None:  # a newer attempt owns the run: nobody writes
             return SaveOutcome(checkpoint_id, step, committed=False, reason="fenced", fenced_by=fenced_by)
@@ -124,19 +124,19 @@ class CommitProtocol:
             doing = "collecting shard reports"
             reports = gather_objects(report, group=group)
             outcome = None
-            if self.journal is not None and reports is not None:
+            if self.recorder is not None and reports is not None:
                 doing = "committing"
-                outcome = self._decide(self.journal, checkpoint_id, step, reports, started)
+                outcome = self._decide(self.recorder, checkpoint_id, step, reports, started)
             decided = True
-            if outcome is not None and outcome.committed and self.journal is not None:
+            if outcome is not None and outcome.committed and self.recorder is not None:
                 crash_point("trainer.after_commit")
-                self.journal.apply_retention(self.retention)
+                self.recorder.apply_retention(self.retention)
             outcome = broadcast_object(outcome, group=group)
         except BaseException as err:
-            if self.journal is not None and not decided:
+            if self.recorder is not None and not decided:
                 reason = (f"lost a rank while {doing}: {err}" if isinstance(err, RuntimeError)
                           else f"failed while {doing}: {one_line(err)}")
-                self._abort_quietly(self.journal, checkpoint_id, reason)
+                self._abort_quietly(self.recorder, checkpoint_id, reason)
             raise
         if not outcome.shards_recorded:  # an abort or a fenced commit: nothing refers to these files
             self._remove(writer.written)
@@ -160,7 +160,7 @@ class CommitProtocol:
             self.blobs.delete(shard.location)
         shards.clear()
 
-    def _decide(self, journal: RunJournal, checkpoint_id: str, step: int, reports: list[RankReport],
+    def _decide(self, recorder: RunRecorder, checkpoint_id: str, step: int, reports: list[RankReport],
                 started: float) -> SaveOutcome:
         """Rank 0: commit when every rank wrote its files, abort with every failing rank's reason otherwise."""
         by_error: dict[str, list[int]] = {}
@@ -170,24 +170,24 @@ class CommitProtocol:
         if by_error:
             reason = "; ".join(f"reported by rank(s) {','.join(map(str, ranks))}: {error}"
                                for error, ranks in by_error.items())
-            journal.abort_checkpoint(checkpoint_id, reason)
-            return SaveOutcome(checkpoint_id, step, committed=False, reason=reason, fenced_by=journal.fenced_by)
+            recorder.abort_checkpoint(checkpoint_id, reason)
+            return SaveOutcome(checkpoint_id, step, committed=False, reason=reason, fenced_by=recorder.fenced_by)
         try:
-            committed, recorded = journal.record_and_commit(checkpoint_id, [s for r in reports for s in r.shards])
+            committed, recorded = recorder.record_and_commit(checkpoint_id, [s for r in reports for s in r.shards])
         except IncompleteCheckpointError as err:  # the shards were recorded: their files stay for gc to judge
-            journal.abort_checkpoint(checkpoint_id, str(err))
+            recorder.abort_checkpoint(checkpoint_id, str(err))
             return SaveOutcome(checkpoint_id, step, committed=False, reason=str(err), shards_recorded=True)
         if not committed:
-            return SaveOutcome(checkpoint_id, step, committed=False, reason="fenced", fenced_by=journal.fenced_by,
+            return SaveOutcome(checkpoint_id, step, committed=False, reason="fenced", fenced_by=recorder.fenced_by,
                                shards_recorded=recorded)
         durable_s = time.perf_counter() - started
-        return SaveOutcome(checkpoint_id, step, committed=True, fenced_by=journal.fenced_by, durable_s=durable_s,
+        return SaveOutcome(checkpoint_id, step, committed=True, fenced_by=recorder.fenced_by, durable_s=durable_s,
                            shards_recorded=True)
 
     @staticmethod
-    def _abort_quietly(journal: RunJournal, checkpoint_id: str, reason: str) -> None:
+    def _abort_quietly(recorder: RunRecorder, checkpoint_id: str, reason: str) -> None:
         """Record an abort on the way out of a failure; the original error matters more than this record."""
         try:
-            journal.abort_checkpoint(checkpoint_id, reason)
+            recorder.abort_checkpoint(checkpoint_id, reason)
         except LedgerError as err:
             print(f"[ckpt-ledger] could not record the abort of {checkpoint_id}: {err}", file=sys.stderr, flush=True)

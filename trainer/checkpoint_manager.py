@@ -54,7 +54,7 @@ from trainer.checkpointing import BackgroundCheckpointError, Candidate, Checkpoi
 from trainer.dcp_codec import CHECKPOINT_CODECS
 from trainer.errors import EXIT_PREEMPTED, EXIT_PROBLEM, BadInputError, StartRefusedError
 from trainer.identity import config_hash, ledger_version, user_code_id
-from trainer.journal import RunJournal
+from trainer.run_recorder import RunRecorder
 from trainer.preemption import PreemptionWatch
 from trainer.pretrained import read_pretrained
 from trainer.process_group import DistContext, all_reduce_max, broadcast_object, join_current_or_single, slurm_facts
@@ -165,7 +165,7 @@ class CheckpointManager:
         """One line for the user when the attempt did not complete."""
         self.status = "running"
         """How the attempt ended once closed: ``completed``, ``preempted``, ``fenced`` or ``failed``."""
-        self.journal: RunJournal | None = None
+        self.recorder: RunRecorder | None = None
         self.checkpointer: Checkpointer | None = None
         self.epoch: int | None = None
         self.restored_from: str | None = None
@@ -208,13 +208,13 @@ class CheckpointManager:
     def _require_blobs_for_database_run(self) -> None:
         """Rank 0: a run in a database has no directory for its shards; its first start must say where."""
         if self.blobs is None and is_database_url(self.run_dir) \
-                and not self.journal.ledger.events(tags=["run.started"]):  # type: ignore[union-attr]
+                and not self.recorder.ledger.events(tags=["run.started"]):  # type: ignore[union-attr]
             raise BadInputError(f"{parse_run_address(self.run_dir)} is a run in a database, which has no directory "
                                 "for checkpoint files: give it one with --blobs DIR|s3://BUCKET/PREFIX (blobs=)")
 
     def _recorded_blobs(self) -> tuple[str | None, str | None]:
         """Rank 0: ``(blob URL run.started recorded, error)`` — asking for another place than the recorded one is an error."""
-        recorded = self.journal.blobs.url  # type: ignore[union-attr]
+        recorded = self.recorder.blobs.url  # type: ignore[union-attr]
         if self.blobs is not None and self.blobs.rstrip("/") != (recorded or "").rstrip("/"):
             return recorded, (f"this run keeps its checkpoints in {recorded or 'the run directory'} (recorded in "
                               f"run.started), not {self.blobs}; drop blobs=/--blobs to use the recorded place")
@@ -245,7 +245,7 @@ class CheckpointManager:
         failure: LedgerError | ValueError | OSError | None = None
         if self.ctx.is_coordinator:  # rank 0 alone opens the ledger and records the run once
             try:
-                view = self._open_journal()
+                view = self._open_recorder()
                 where = self._recorded_blobs()
             except (LedgerError, ValueError, OSError) as err:
                 failure = err
@@ -259,8 +259,8 @@ class CheckpointManager:
             raise StartRefusedError(f"rank 0 could not open the run's ledger: {problem}")
         if error is not None:
             raise BadInputError(error)
-        store = self.journal.blobs if self.journal is not None else blob_store_for(blobs_url, self.run_dir)
-        self.checkpointer = Checkpointer(self.ctx, store, self.journal, stack=stack, topology=topology,
+        store = self.recorder.blobs if self.recorder is not None else blob_store_for(blobs_url, self.run_dir)
+        self.checkpointer = Checkpointer(self.ctx, store, self.recorder, stack=stack, topology=topology,
                                          retention=self.retention, background=self.async_save, codec=self.codec)
         self._timings = self.checkpointer.timings
         plan = choose_start(self.checkpointer, view, resume=honoured_resume(self.resume), pretrained=self.pretrained)
@@ -278,16 +278,16 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         return step
 
-    def _open_journal(self) -> View:
+    def _open_recorder(self) -> View:
         """Rank 0: open the ledger, record ``run.started`` (once per run); the projection now."""
-        self.journal = RunJournal(self.run_dir)
+        self.recorder = RunRecorder(self.run_dir)
         self._require_blobs_for_database_run()
         recorded = {**self.config, **self._policy_config()}
-        _, same = self.journal.start_run(recorded, config_hash(recorded), user_code_id(), blobs=self.blobs,
+        _, same = self.recorder.start_run(recorded, config_hash(recorded), user_code_id(), blobs=self.blobs,
                                          ledger_version=ledger_version())
         if not same:
             self._say("note: this config differs from the one the run started with (see run.started)")
-        return self.journal.projection()
+        return self.recorder.projection()
 
     def _policy_config(self) -> dict[str, Any]:
         """The fields the ledger's decisions read from ``run.started`` (best rule, retention for gc)."""
@@ -319,11 +319,11 @@ class CheckpointManager:
     def _begin_attempt(self, plan: StartPlan) -> int:
         """Rank 0 records the attempt and any corruption found; every rank learns the epoch."""
         epoch = None
-        if self.journal is not None:
+        if self.recorder is not None:
             candidate = plan.candidate
             previous = None if candidate is None else {
                 "world_size": candidate.world_size, "stack": candidate.stack, **candidate.topology}
-            epoch = self.journal.begin_attempt(
+            epoch = self.recorder.begin_attempt(
                 world_size=self.ctx.world_size, stack=self.stack, topology=self.topology,
                 resumed_from=candidate.checkpoint_id if candidate else None, slurm=slurm_facts(os.environ),
                 previous_topology=previous,
@@ -332,10 +332,10 @@ class CheckpointManager:
         return broadcast_object(epoch)
 
     def _report_corruption(self, plan: StartPlan) -> None:
-        if self.journal is None:
+        if self.recorder is None:
             return
         for bad in plan.bad_shards:
-            self.journal.report_corruption(bad.checkpoint_id, bad.location, bad.expected_hash, bad.found_hash)
+            self.recorder.report_corruption(bad.checkpoint_id, bad.location, bad.expected_hash, bad.found_hash)
             self._say(f"corruption: {bad.detail}; checkpoint {bad.checkpoint_id} will not be loaded")
 
     # -- the loop --------------------------------------------------------------------------------
@@ -346,10 +346,10 @@ class CheckpointManager:
         self._check_step("log", step, floor=self._last_logged)
         values = self._check_metrics(metrics)
         self._last_logged = step
-        if self.journal is not None:
-            self.journal.step_completed(step, values)
+        if self.recorder is not None:
+            self.recorder.step_completed(step, values)
             if step % self.log_every == 0:
-                self.journal.flush_steps()
+                self.recorder.flush_steps()
         self._collect(block=False)
 
     def record_metrics(self, step: int, **metrics: float) -> None:
@@ -441,7 +441,7 @@ class CheckpointManager:
         self._collect(block=False)
         received = self.preemption.received
         signum = int(signal.Signals[received]) if received is not None else 0
-        fenced_by = self.journal.fenced_by if self.journal is not None and self.journal.fenced_by else 0
+        fenced_by = self.recorder.fenced_by if self.recorder is not None and self.recorder.fenced_by else 0
         failed = int(self._background_error is not None)
         signum, fenced_by, failed = all_reduce_max([signum, fenced_by, failed], self.ctx.device)
         if failed:  # every rank stops at this boundary, the one whose writer failed says why
@@ -536,14 +536,14 @@ class CheckpointManager:
             if saved is not None and saved.step == last_step and saved.status != "committed":
                 self.message = f"preempted by {name} at step {last_step} but the checkpoint failed: {saved.reason}"
                 self.exit_code, self.status = EXIT_PROBLEM, "failed"
-                if self.journal is not None:
-                    self.journal.end_attempt("failed", last_step)
+                if self.recorder is not None:
+                    self.recorder.end_attempt("failed", last_step)
                 return None
             if (saved.step if saved else self._restored_step) != last_step:
                 self._say(f"preempted at step {last_step} without a checkpoint of it: a restart resumes from step "
                           f"{saved.step if saved else self._restored_step}", error=True)
-            if self.journal is not None:
-                self.journal.end_attempt("preempted", last_step, signal_name=name)
+            if self.recorder is not None:
+                self.recorder.end_attempt("preempted", last_step, signal_name=name)
             self.exit_code, self.status = EXIT_PREEMPTED, "preempted"
             self.message = f"preempted by {name}; state saved at step {saved.step if saved else self._restored_step}"
             self._say(f"preempted by {name}: exiting {EXIT_PREEMPTED} (requeue me)")
@@ -552,14 +552,14 @@ class CheckpointManager:
             # The last step's checkpoint failed: "completed" would promise a checkpoint there is not.
             self.message = f"the checkpoint at the last step {last_step} failed: {self._last_save.reason}"
             self.exit_code, self.status = EXIT_PROBLEM, "failed"
-            if self.journal is not None:
-                self.journal.end_attempt("failed", last_step)
+            if self.recorder is not None:
+                self.recorder.end_attempt("failed", last_step)
         else:
             self.status = "completed"
-            if self.journal is not None:
-                self.journal.end_attempt("completed", last_step)
-        if self.journal is not None and self.journal.fenced_by is not None:  # rank 0 alone learns this
-            self._fenced(self.journal.fenced_by)
+            if self.recorder is not None:
+                self.recorder.end_attempt("completed", last_step)
+        if self.recorder is not None and self.recorder.fenced_by is not None:  # rank 0 alone learns this
+            self._fenced(self.recorder.fenced_by)
         return None
 
     def _fenced(self, fenced_by: int | None) -> None:
@@ -570,10 +570,10 @@ class CheckpointManager:
     def _end_failed(self) -> None:
         self.exit_code, self.status = EXIT_PROBLEM, "failed"
         self._drain_background()
-        if self.journal is not None:
+        if self.recorder is not None:
             last_step = max(self._last_logged, self._restored_step or 0)
             try:
-                self.journal.end_attempt("failed", last_step)
+                self.recorder.end_attempt("failed", last_step)
             except LedgerError as err:  # the original error matters more; say why the record is missing
                 print(f"[ckpt-ledger] could not record the failed attempt: {err}", file=sys.stderr, flush=True)
 
@@ -590,10 +590,10 @@ class CheckpointManager:
         if self._owns_watch:
             self.preemption.uninstall()
         if failed:
-            self._drain_background()  # the writer uses the journal: it must be done before the journal closes
-        if self.journal is not None:
-            self.journal.close()
-            self.journal = None
+            self._drain_background()  # the writer uses the recorder: it must be done before the recorder closes
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
         # A broken multi-process group could block its destruction until the collective timeout;
         # our own one-process group has no peers to wait for.
         if self.ctx.owns_group and (not failed or self.ctx.world_size == 1) and dist.is_initialized():

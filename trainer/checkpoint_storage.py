@@ -56,7 +56,7 @@ from torch.futures import Future
 from ledger import BlobStore, CorruptBlobError
 from ledger.blobs import BlobWriter
 from trainer.dcp_codec import RawTensorBytes, reader_registry, writer_extensions
-from trainer.journal import ShardFact
+from trainer.run_recorder import ShardFact
 
 #: The file DCP's coordinator writes last, describing where every item lives.
 DCP_METADATA_FILE = ".metadata"

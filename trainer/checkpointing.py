@@ -25,7 +25,7 @@ from trainer.background_save import (
 from trainer.checkpoint_candidates import BadShard, Candidate, VerifiedFiles, load_candidate, verify_candidate
 from trainer.checkpoint_commit import CommitProtocol, RankReport, SaveOutcome, checkpoint_id_for
 from trainer.checkpoint_storage import DCP_METADATA_FILE
-from trainer.journal import RunJournal
+from trainer.run_recorder import RunRecorder
 from trainer.process_group import DistContext, new_side_group
 from trainer.staging import StagingArea
 
@@ -45,13 +45,13 @@ class Checkpointer:
     starting another. ``blobs`` is where the files go (a path means a local store there).
     """
 
-    def __init__(self, ctx: DistContext, blobs: BlobStore | str | os.PathLike[str], journal: RunJournal | None, *,
+    def __init__(self, ctx: DistContext, blobs: BlobStore | str | os.PathLike[str], recorder: RunRecorder | None, *,
                  stack: str, topology: dict[str, int], retention: RetentionPolicy, background: bool = False,
                  codec: str = "none") -> None:
         self.ctx = ctx
         self.blobs = blobs if isinstance(blobs, BlobStore) else LocalBlobStore(blobs)
-        self.journal = journal
-        self._protocol = CommitProtocol(ctx, self.blobs, journal, stack=stack, topology=topology,
+        self.recorder = recorder
+        self._protocol = CommitProtocol(ctx, self.blobs, recorder, stack=stack, topology=topology,
                                         retention=retention, codec=codec)
         self._tries: dict[int, int] = {}  # step -> checkpoints begun at it (an aborted one may be retried)
         self.timings: list[CheckpointTiming] = []
@@ -119,12 +119,12 @@ class Checkpointer:
 
         For the checkpoint in flight the background writer appends it, in order; otherwise now.
         """
-        if self.journal is None:
+        if self.recorder is None:
             return
-        journal, flight = self.journal, self._background.flight
+        recorder, flight = self.recorder, self._background.flight
 
         def record() -> None:
-            journal.metric(name, value, step, checkpoint_id)
+            recorder.metric(name, value, step, checkpoint_id)
 
         if flight is None or flight.checkpoint_id != checkpoint_id or not flight.after_begin(record):
             record()

@@ -1,12 +1,12 @@
-"""``RunJournal``: rank 0's record of the run, through the ledger's Python API only.
+"""``RunRecorder``: rank 0's record of the run, through the ledger's Python API only.
 
-Facts are born on every rank but recorded by one writer: the journal owns the
+Facts are born on every rank but recorded by one writer: the recorder owns the
 ``Ledger`` handle and the attempt's fencing epoch, buffers ``step.completed`` events
 into batched appends, and turns the first ``FencedError`` into a remembered state the
 training loop acts on at the next step boundary (a fenced writer must stop, and must
 not try to record anything else).
 
-The journal is shared by the training thread (steps, metrics, the attempt) and the
+The recorder is shared by the training thread (steps, metrics, the attempt) and the
 background checkpoint writer (shard records, commit, retention): one re-entrant lock
 serialises every use of the ledger handle, so each append is one whole transaction
 and the step buffer is never flushed twice.
@@ -53,7 +53,7 @@ class Fenced(Exception):
         self.fenced_by = fenced_by
 
 
-class RunJournal:
+class RunRecorder:
     """The coordinator's writer: run identity, the attempt, steps, checkpoints, metrics, retention."""
 
     def __init__(self, run_dir: str) -> None:
