@@ -170,7 +170,8 @@ def _epoch_of(location: str) -> int | None:
     return parsed.epoch if parsed is not None else None
 
 
-def retention_pass(led: "Ledger", policy: retention.RetentionPolicy, *, epoch: int) -> GcResult:
+def retention_pass(led: "Ledger", policy: retention.RetentionPolicy, *, epoch: int,
+                   sweep_strays: bool = True) -> GcResult:
     """An attempt's retention pass after each commit: the policy, plus what older attempts left behind.
 
     Torn and aborted saves are deleted even with no policy set, and stray files under the
@@ -178,8 +179,14 @@ def retention_pass(led: "Ledger", policy: retention.RetentionPolicy, *, epoch: i
     files) are removed: a run does not wait for an operator's ``gc`` to be clean. Files of
     this attempt's own epoch are never touched here. The listing is taken after retention and
     before the projection that judges it, as in :func:`plan_gc`.
+
+    ``sweep_strays=False`` skips the listing: an attempt sweeps once (its first commit), since
+    listing a whole blob store after every commit costs O(files) and, on a remote store,
+    would hold the writer on a slow or unreachable listing; ``gc`` collects anything later.
     """
     deleted = led.apply_retention(policy, epoch=epoch)
+    if not sweep_strays:
+        return GcResult(deletions=deleted, removed=[])
     listing = [loc for loc in led.blobs.list_files() if (e := _epoch_of(loc)) is not None and e < epoch]
     strays = stray_files(led.projection().state, listing)
     for stray in strays:

@@ -63,6 +63,7 @@ class RunRecorder:
         self._steps: list[StepCompleted] = []
         self._last_step: int | None = None
         self._lock = threading.RLock()
+        self._swept_older_epochs = False  # strays of older epochs are swept at this attempt's first commit
 
     # -- the run and the attempt -----------------------------------------------------------
 
@@ -190,7 +191,8 @@ class RunRecorder:
         Besides the policy, it collects what older (fenced, crashed, ended) attempts left: torn
         saves and stray files under their epoch directories (:func:`ledger.garbage.retention_pass`).
         """
-        done = self._guard(lambda: retention_pass(self.ledger, policy, epoch=self.epoch))
+        sweep, self._swept_older_epochs = not self._swept_older_epochs, True
+        done = self._guard(lambda: retention_pass(self.ledger, policy, epoch=self.epoch, sweep_strays=sweep))
         return [d.checkpoint_id for d in done.deletions] if done is not None else []
 
     def close(self) -> None:
