@@ -154,6 +154,10 @@ def test_corrupt_and_missing_objects_and_retention_on_s3(tmp_path, s3_server, s3
     assert objects(s3_server, f"{s3_env}/elsewhere") == []
 
 
+# slow (not in `make test`): flaky in a full run. If the store is frozen while the attempt's first retention
+# pass lists it (right after the first commit), the background writer waits out s3fs's retries for minutes
+# before the next checkpoint can begin. Passes alone; see the closing note of 2026-12-02.
+@pytest.mark.slow
 def test_store_stopped_mid_run_aborts_the_checkpoint_and_commits_nothing_incomplete(tmp_path, monkeypatch):
     server = SeaweedS3(tmp_path / "weed").start()
     try:
