@@ -3,7 +3,9 @@
 Set ``CKPT_LEDGER_CRASH_AT=<point>`` (optionally ``<point>:<n>`` to crash at the
 n-th time the point is reached, counting from 1) and the process SIGKILLs itself
 there, exactly as a power cut or OOM-killer would stop it: no ``finally`` blocks,
-no flushing. When the variable is unset, :func:`crash_point` is a dictionary-free
+no flushing. With ``CKPT_LEDGER_CRASH_ONCE=<file>`` as well, the crash fires only in
+the process that creates that file first: a worker restarted by its launcher (which
+inherits the environment) then runs past the point. When the variable is unset, :func:`crash_point` is a dictionary-free
 ``None`` check, so the hooks cost nothing in production.
 
 Every point is listed in :data:`CRASH_POINTS` with what has happened when it fires.
@@ -30,6 +32,7 @@ CRASH_POINTS: dict[str, str] = {
     "retention.after_deleted": "checkpoint.deleted appended",
     # Trainer points (any name under "trainer." is accepted, e.g. per rank):
     "trainer.after_step": "a training step finished, before any checkpoint of it",
+    "trainer.rank<N>.after_step": "as above, only on rank N",
     "trainer.after_shard_write": "this rank's DCP files are written and hashed, facts not yet sent to rank 0",
     "trainer.rank<N>.after_shard_write": "as above, only on rank N",
     "trainer.before_commit": "rank 0 recorded every shard, checkpoint.committed not yet appended",
@@ -37,6 +40,7 @@ CRASH_POINTS: dict[str, str] = {
 }
 
 _ENV = "CKPT_LEDGER_CRASH_AT"
+_ONCE_ENV = "CKPT_LEDGER_CRASH_ONCE"
 
 
 def _parse(spec: str | None) -> tuple[str, int] | None:
@@ -62,8 +66,19 @@ def crash_point(name: str) -> None:
     if _armed is None or _armed[0] != name:
         return
     _seen += 1
-    if _seen >= _armed[1]:
+    if _seen >= _armed[1] and _first_to_crash():
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _first_to_crash() -> bool:
+    once = os.environ.get(_ONCE_ENV)
+    if not once:
+        return True
+    try:
+        os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def rearm(spec: str | None) -> None:

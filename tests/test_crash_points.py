@@ -24,9 +24,6 @@ WORKLOAD = Path(__file__).parent / "workloads" / "ledger_writer.py"
 CHECKPOINTS = 5
 
 
-
-
-
 def run_writer(run_dir: Path, crash_at: str | None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("CKPT_LEDGER_CRASH_AT", None)
@@ -84,3 +81,15 @@ def test_crash_then_recover(tmp_path, point, occurrence, crash_counter):
 
 def led_blobs_exist(run_dir: Path, location: str) -> bool:
     return (run_dir / location).exists()
+
+
+def test_crash_once_fires_only_in_the_process_that_creates_the_marker(tmp_path):
+    """``CKPT_LEDGER_CRASH_ONCE``: a restarted process (same environment) runs past the point."""
+    marker = tmp_path / "crashed"
+    script = "from ledger.faults import crash_point; crash_point('trainer.after_step'); print('ran past')"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CKPT_LEDGER_CRASH_AT": "trainer.after_step",
+           "CKPT_LEDGER_CRASH_ONCE": str(marker)}
+    first, second = (subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                    timeout=60) for _ in range(2))
+    assert first.returncode == -signal.SIGKILL and marker.exists()
+    assert second.returncode == 0 and second.stdout.strip() == "ran past"

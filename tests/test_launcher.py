@@ -34,20 +34,6 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(400)]
 ELASTIC_ROUNDS = Path(__file__).parent / "workloads" / "elastic_rounds.py"
 
 
-def _workers(pid: int) -> list[int]:
-    """The launcher's worker processes: its children except multiprocessing's resource tracker (spawn)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except OSError:  # exited meanwhile
-                continue
-            if b"resource_tracker" not in cmdline:
-                found.append(int(child))
-    return found
-
-
 def _inspect_json(run_dir: Path, *args: str) -> dict:
     done = run_cli("inspect", str(run_dir), "--json", *args, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -58,14 +44,15 @@ def _inspect_json(run_dir: Path, *args: str) -> dict:
 def test_max_restarts_recovers_from_a_killed_worker(tmp_path, tmp_path_factory, crash_counter):
     _, reference = reference_run(tmp_path_factory, "ddp")
     run_dir = tmp_path / "run"
-    proc = start_cli("train", "--run-dir", str(run_dir), "--nproc", "2", "--max-restarts", "2", *QUICK)
-    wait_for(lambda: bool(committed_steps(run_dir)), timeout=120, proc=proc, what="the first commit")
-    workers = _workers(proc.pid)
-    assert len(workers) == 2, workers
-    os.kill(workers[-1], signal.SIGKILL)  # one worker dies; the agent restarts them all
-    crash_counter("trainer.worker_sigkill")
-    done = finish(proc, timeout=150)
+    # Rank 1 SIGKILLs itself after step 25 (checkpoint 10 committed, 20 maybe in flight); the agent restarts
+    # both workers, which inherit the environment: the marker file keeps the crash to the first round.
+    marker = tmp_path / "crashed"
+    env = cli_env(CKPT_LEDGER_CRASH_AT="trainer.rank1.after_step:25", CKPT_LEDGER_CRASH_ONCE=str(marker))
+    proc = start_cli("train", "--run-dir", str(run_dir), "--nproc", "2", "--max-restarts", "2", *QUICK, env=env)
+    done = finish(proc, timeout=200)
     assert done.returncode == 0, done.stderr
+    assert marker.exists(), "rank 1 never reached its crash point"
+    crash_counter("trainer.worker_sigkill")
 
     # The restart is a new attempt of the same job, resumed from what the projection said to resume
     # from just before it started: the first attempt's last committed checkpoint.

@@ -68,20 +68,6 @@ def finish_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[subp
                 p.communicate()
 
 
-def _children(pid: int) -> list[int]:
-    """A launcher's worker processes (its children, less multiprocessing's resource tracker)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"resource_tracker" not in cmdline:
-                found.append(int(child))
-    return found
-
-
 @pytest.mark.timeout(900)
 def test_two_nodes_then_one_node_then_two_nodes_is_bitwise_identical(tmp_path, tmp_path_factory):
     _, reference = reference_run(tmp_path_factory, "ddp")
@@ -127,16 +113,15 @@ def test_a_killed_node_recovers_under_max_restarts_on_both_agents(tmp_path, tmp_
     run_dir = tmp_path / "run"
     port = free_port()
     # torchrun shares one store with every restart round unless told not to (see docs/scale.md).
-    env = cli_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    # Node 1's worker (rank 1) SIGKILLs itself after step 25, once (the marker file); both agents restart theirs.
+    marker = tmp_path / "crashed"
+    env = cli_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", CKPT_LEDGER_CRASH_AT="trainer.rank1.after_step:25",
+                  CKPT_LEDGER_CRASH_ONCE=str(marker))
     nodes = [torchrun_node(run_dir, rank, port, "--max-restarts", "2", env=env) for rank in (0, 1)]
-    try:
-        wait_for(lambda: bool(committed_steps(run_dir)), timeout=300, proc=nodes[1], what="the first commit")
-        [worker] = _children(nodes[1].pid)
-        os.kill(worker, signal.SIGKILL)  # node 1 loses its worker; both agents restart their workers
-        crash_counter("trainer.worker_sigkill")
-    finally:
-        done = finish_all(nodes, timeout=400)
+    done = finish_all(nodes, timeout=400)
     assert [r.returncode for r in done] == [0, 0], [r.stderr[-3000:] for r in done]
+    assert marker.exists(), "rank 1 never reached its crash point"
+    crash_counter("trainer.worker_sigkill")
 
     view = view_of(run_dir)
     first, second = view.attempts
@@ -173,23 +158,21 @@ def test_srun_one_task_per_node_agents_recover_a_killed_worker(tmp_path, tmp_pat
     run_dir = tmp_path / "run"
     job_id = _free_port_in(BASE_PORT, PORT_SPAN) - BASE_PORT
 
+    marker = tmp_path / "crashed"  # node 1's worker SIGKILLs itself after step 25, in the first round only
+
     def task(node: int) -> subprocess.Popen:
         env = cli_env(SLURM_JOB_ID=str(job_id), SLURM_PROCID=str(node), SLURM_NTASKS=str(2), SLURM_NNODES="2",
-                      SLURM_NODEID=str(node), SLURM_LOCALID="0", SLURM_JOB_NODELIST="127.0.0.[1-2]")
+                      SLURM_NODEID=str(node), SLURM_LOCALID="0", SLURM_JOB_NODELIST="127.0.0.[1-2]",
+                      CKPT_LEDGER_CRASH_AT="trainer.rank1.after_step:25", CKPT_LEDGER_CRASH_ONCE=str(marker))
         del env["MASTER_ADDR"]  # the first host of the node list is the meeting point
         return subprocess.Popen([sys.executable, "-m", "trainer", "--run-dir", str(run_dir), "--max-restarts", "1",
                                  *QUICK], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
 
-    tasks = [task(node) for node in (0, 1)]
-    try:
-        wait_for(lambda: bool(committed_steps(run_dir)), timeout=300, proc=tasks[1], what="the first commit")
-        [worker] = _children(tasks[1].pid)
-        os.kill(worker, signal.SIGKILL)
-        crash_counter("trainer.worker_sigkill")
-    finally:
-        done = finish_all(tasks, timeout=400)
+    done = finish_all([task(node) for node in (0, 1)], timeout=400)
     assert [r.returncode for r in done] == [0, 0], [r.stderr[-3000:] for r in done]
+    assert marker.exists(), "rank 1 never reached its crash point"
+    crash_counter("trainer.worker_sigkill")
     first, second = view_of(run_dir).attempts
     assert first.status in ("failed", "crashed") and first.last_step < 30, "the run finished before the kill"
     assert second.status == "completed" and second.world_size == 2

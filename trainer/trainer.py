@@ -136,6 +136,7 @@ class Trainer:
             raise BadInputError(str(err)) from None
         self.mesh = self.stack.build_mesh(self.topology, ctx.device.type)
         dp_rank, dp_size = self.stack.data_parallel_coordinates(self.mesh)
+        self._rank_step_point = f"trainer.rank{ctx.rank}.after_step"
 
         # 3. Seed: the same on every rank, so every rank builds the same initial weights.
         seed_everything(cfg.seed)
@@ -215,6 +216,7 @@ class Trainer:
             loss = self.train_step(inputs, targets)
             self.step += 1
             crash_point("trainer.after_step")
+            crash_point(self._rank_step_point)
             metrics = {"loss": float(loss)}
             if self.scheduler is not None and hasattr(self.scheduler, "get_last_lr"):
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
