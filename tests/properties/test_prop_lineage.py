@@ -82,14 +82,15 @@ def trainer_logs(draw, explicit_resumes: bool = True, max_actions: int = 45) -> 
         return seq
 
     emit(RunStarted(run_id="r", config=draw(st.sampled_from([{}, {"best_metric": "acc", "best_mode": "max"}]))), 0)
-    epoch, step, n, in_flight = 0, 0, 0, None
+    epoch, step, n, in_flight, ended = 0, 0, 0, None, False
     policies = st.builds(RetentionPolicy, keep_last=st.none() | st.integers(0, 3),
                          keep_every=st.none() | st.integers(5, 20), keep_best=st.none() | st.integers(0, 2))
     actions = draw(st.lists(st.sampled_from(
         ["attempt", "steps", "steps", "save", "save", "save", "begin", "finish", "metric", "pin", "alias",
          "corrupt", "retention", "end"]), min_size=5, max_size=max_actions))
     for action in actions:
-        if action == "attempt" or epoch == 0:
+        # A trainer writes nothing for an attempt after its attempt.ended: the next step or save is a new attempt's.
+        if action == "attempt" or epoch == 0 or (ended and action in ("steps", "save", "begin", "finish")):
             candidates = decisions.resume_candidates(state)
             committed = [c for c in state.checkpoints.values() if c.usable]
             mode = draw(st.sampled_from(["auto", "auto", "fallback", "explicit"] if explicit_resumes
@@ -111,7 +112,7 @@ def trainer_logs(draw, explicit_resumes: bool = True, max_actions: int = 45) -> 
                 emit(CorruptionDetected(checkpoint_id=ckpt.checkpoint_id, location="x", expected_hash="xxh3:00"), epoch)
             assert started
             log.base[epoch] = log.head[epoch] = resumed_from
-            step, in_flight = (target.step if target is not None else 0), None
+            step, in_flight, ended = (target.step if target is not None else 0), None, False
         elif action == "steps":
             step += draw(st.integers(1, 7))
             emit(StepCompleted(step=step, metrics={"loss": 1.0}), epoch)
@@ -148,10 +149,10 @@ def trainer_logs(draw, explicit_resumes: bool = True, max_actions: int = 45) -> 
             for deletion in retention.plan(state, draw(policies)):
                 emit(CheckpointDeletionRequested(checkpoint_id=deletion.checkpoint_id, reason=deletion.reason), 0)
                 emit(CheckpointDeleted(checkpoint_id=deletion.checkpoint_id), 0)
-        elif action == "end":
+        elif action == "end" and not ended:
             emit(AttemptEnded(epoch=epoch, reason=draw(st.sampled_from(["completed", "preempted", "failed"])),
                               last_step=step), epoch)
-            in_flight = None  # an ended attempt's open save is torn
+            in_flight, ended = None, True  # an ended attempt's open save is torn
     log.final = state  # type: ignore[attr-defined]
     return log
 
