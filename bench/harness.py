@@ -139,6 +139,19 @@ def interleaved(ours: Callable[[], Any], baseline: Callable[[], Any], reps: int,
     return ours_t, base_t
 
 
+def in_blocks(ours: Callable[[], Any], baseline: Callable[[], Any], reps: int) -> tuple[list[float], list[float]]:
+    """Time ``ours`` and ``baseline`` ``reps`` times each in blocks ordered ours, baseline, ours.
+
+    For a baseline that churns the process's caches (a scan of 10,000 directories
+    evicts what a following millisecond-scale call had warm, which a real restarting
+    job would not have just done): the A-B-A blocks still spread slow drift in machine
+    load over both sides, without one side paying for the other's footprint.
+    """
+    first = [time_once(ours) for _ in range(reps - reps // 2)]
+    base_t = [time_once(baseline) for _ in range(reps)]
+    return first + [time_once(ours) for _ in range(reps // 2)], base_t
+
+
 def spread(samples: list[float]) -> dict[str, Any]:
     """Samples and their min/median/max, for a record's ``detail``."""
     return {"samples": [round(s, 9) for s in samples], "min": min(samples), "median": median(samples),
