@@ -23,7 +23,7 @@ demo: install
 	$(CLI) inspect $(DEMO_DIR)
 
 test: install
-	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider --durations=20
 
 test-all: install
 	$(PY) -m pytest -q -p no:cacheprovider
