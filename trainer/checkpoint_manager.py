@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 import torch.distributed as dist
 
-from ledger import LedgerError, RetentionPolicy, View
+from ledger import BlobStore, LedgerError, RetentionPolicy, View
 from ledger.blobs import blob_store_for
 from ledger.run_address import is_database_url, parse_run_address
 from ledger.time_retention import parse_duration
@@ -54,6 +54,7 @@ from trainer.checkpointing import BackgroundCheckpointError, Candidate, Checkpoi
 from trainer.dcp_codec import CHECKPOINT_CODECS
 from trainer.errors import EXIT_PREEMPTED, EXIT_PROBLEM, BadInputError, StartRefusedError
 from trainer.identity import config_hash, ledger_version, user_code_id
+from trainer.recorder import NullRecorder, Recorder
 from trainer.run_recorder import RunRecorder
 from trainer.preemption import PreemptionWatch
 from trainer.pretrained import read_pretrained
@@ -165,7 +166,8 @@ class CheckpointManager:
         """One line for the user when the attempt did not complete."""
         self.status = "running"
         """How the attempt ended once closed: ``completed``, ``preempted``, ``fenced`` or ``failed``."""
-        self.recorder: RunRecorder | None = None
+        self.recorder: Recorder = NullRecorder()
+        """Rank 0's :class:`RunRecorder` from :meth:`restore` until closed; a :class:`NullRecorder` otherwise."""
         self.checkpointer: Checkpointer | None = None
         self.epoch: int | None = None
         self.restored_from: str | None = None
@@ -205,16 +207,15 @@ class CheckpointManager:
         except ValueError as err:
             raise BadInputError(str(err)) from None
 
-    def _require_blobs_for_database_run(self) -> None:
+    def _require_blobs_for_database_run(self, writer: RunRecorder) -> None:
         """Rank 0: a run in a database has no directory for its shards; its first start must say where."""
-        if self.blobs is None and is_database_url(self.run_dir) \
-                and not self.recorder.ledger.events(tags=["run.started"]):  # type: ignore[union-attr]
+        if self.blobs is None and is_database_url(self.run_dir) and not writer.ledger.events(tags=["run.started"]):
             raise BadInputError(f"{parse_run_address(self.run_dir)} is a run in a database, which has no directory "
                                 "for checkpoint files: give it one with --blobs DIR|s3://BUCKET/PREFIX (blobs=)")
 
-    def _recorded_blobs(self) -> tuple[str | None, str | None]:
+    def _recorded_blobs(self, writer: RunRecorder) -> tuple[str | None, str | None]:
         """Rank 0: ``(blob URL run.started recorded, error)`` — asking for another place than the recorded one is an error."""
-        recorded = self.recorder.blobs.url  # type: ignore[union-attr]
+        recorded = writer.blobs.url
         if self.blobs is not None and self.blobs.rstrip("/") != (recorded or "").rstrip("/"):
             return recorded, (f"this run keeps its checkpoints in {recorded or 'the run directory'} (recorded in "
                               f"run.started), not {self.blobs}; drop blobs=/--blobs to use the recorded place")
@@ -241,12 +242,13 @@ class CheckpointManager:
         self.stack, self.topology = stack, topology
 
         view: View | None = None
+        store: BlobStore | None = None
         where: tuple[str | None, str | None] | None = None
         failure: LedgerError | ValueError | OSError | None = None
         if self.ctx.is_coordinator:  # rank 0 alone opens the ledger and records the run once
             try:
-                view = self._open_recorder()
-                where = self._recorded_blobs()
+                writer = self._open_recorder()
+                view, where, store = writer.projection(), self._recorded_blobs(writer), writer.blobs
             except (LedgerError, ValueError, OSError) as err:
                 failure = err
         # Every rank learns whether rank 0 could read the ledger (rather than waiting in the next
@@ -259,7 +261,8 @@ class CheckpointManager:
             raise StartRefusedError(f"rank 0 could not open the run's ledger: {problem}")
         if error is not None:
             raise BadInputError(error)
-        store = self.recorder.blobs if self.recorder is not None else blob_store_for(blobs_url, self.run_dir)
+        if store is None:  # every other rank reaches the store through the URL rank 0 read
+            store = blob_store_for(blobs_url, self.run_dir)
         self.checkpointer = Checkpointer(self.ctx, store, self.recorder, stack=stack, topology=topology,
                                          retention=self.retention, background=self.async_save, codec=self.codec)
         self._timings = self.checkpointer.timings
@@ -278,16 +281,16 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         return step
 
-    def _open_recorder(self) -> View:
-        """Rank 0: open the ledger, record ``run.started`` (once per run); the projection now."""
-        self.recorder = RunRecorder(self.run_dir)
-        self._require_blobs_for_database_run()
+    def _open_recorder(self) -> RunRecorder:
+        """Rank 0: open the ledger (the manager's recorder from now on) and record ``run.started`` (once per run)."""
+        self.recorder = writer = RunRecorder(self.run_dir)  # set first: closing the manager closes it
+        self._require_blobs_for_database_run(writer)
         recorded = {**self.config, **self._policy_config()}
-        _, same = self.recorder.start_run(recorded, config_hash(recorded), user_code_id(), blobs=self.blobs,
-                                         ledger_version=ledger_version())
+        _, same = writer.start_run(recorded, config_hash(recorded), user_code_id(), blobs=self.blobs,
+                                   ledger_version=ledger_version())
         if not same:
             self._say("note: this config differs from the one the run started with (see run.started)")
-        return self.recorder.projection()
+        return writer
 
     def _policy_config(self) -> dict[str, Any]:
         """The fields the ledger's decisions read from ``run.started`` (best rule, retention for gc)."""
@@ -318,22 +321,18 @@ class CheckpointManager:
 
     def _begin_attempt(self, plan: StartPlan) -> int:
         """Rank 0 records the attempt and any corruption found; every rank learns the epoch."""
-        epoch = None
-        if self.recorder is not None:
-            candidate = plan.candidate
-            previous = None if candidate is None else {
-                "world_size": candidate.world_size, "stack": candidate.stack, **candidate.topology}
-            epoch = self.recorder.begin_attempt(
-                world_size=self.ctx.world_size, stack=self.stack, topology=self.topology,
-                resumed_from=candidate.checkpoint_id if candidate else None, slurm=slurm_facts(os.environ),
-                previous_topology=previous,
-            )
-            self._report_corruption(plan)
+        candidate = plan.candidate
+        previous = None if candidate is None else {
+            "world_size": candidate.world_size, "stack": candidate.stack, **candidate.topology}
+        epoch = self.recorder.begin_attempt(
+            world_size=self.ctx.world_size, stack=self.stack, topology=self.topology,
+            resumed_from=candidate.checkpoint_id if candidate else None, slurm=slurm_facts(os.environ),
+            previous_topology=previous,
+        )
+        self._report_corruption(plan)
         return broadcast_object(epoch)
 
     def _report_corruption(self, plan: StartPlan) -> None:
-        if self.recorder is None:
-            return
         for bad in plan.bad_shards:
             self.recorder.report_corruption(bad.checkpoint_id, bad.location, bad.expected_hash, bad.found_hash)
             self._say(f"corruption: {bad.detail}; checkpoint {bad.checkpoint_id} will not be loaded")
@@ -346,10 +345,9 @@ class CheckpointManager:
         self._check_step("log", step, floor=self._last_logged)
         values = self._check_metrics(metrics)
         self._last_logged = step
-        if self.recorder is not None:
-            self.recorder.step_completed(step, values)
-            if step % self.log_every == 0:
-                self.recorder.flush_steps()
+        self.recorder.step_completed(step, values)
+        if step % self.log_every == 0:
+            self.recorder.flush_steps()
         self._collect(block=False)
 
     def record_metrics(self, step: int, **metrics: float) -> None:
@@ -441,7 +439,7 @@ class CheckpointManager:
         self._collect(block=False)
         received = self.preemption.received
         signum = int(signal.Signals[received]) if received is not None else 0
-        fenced_by = self.recorder.fenced_by if self.recorder is not None and self.recorder.fenced_by else 0
+        fenced_by = self.recorder.fenced_by or 0
         failed = int(self._background_error is not None)
         signum, fenced_by, failed = all_reduce_max([signum, fenced_by, failed], self.ctx.device)
         if failed:  # every rank stops at this boundary, the one whose writer failed says why
@@ -536,14 +534,12 @@ class CheckpointManager:
             if saved is not None and saved.step == last_step and saved.status != "committed":
                 self.message = f"preempted by {name} at step {last_step} but the checkpoint failed: {saved.reason}"
                 self.exit_code, self.status = EXIT_PROBLEM, "failed"
-                if self.recorder is not None:
-                    self.recorder.end_attempt("failed", last_step)
+                self.recorder.end_attempt("failed", last_step)
                 return None
             if (saved.step if saved else self._restored_step) != last_step:
                 self._say(f"preempted at step {last_step} without a checkpoint of it: a restart resumes from step "
                           f"{saved.step if saved else self._restored_step}", error=True)
-            if self.recorder is not None:
-                self.recorder.end_attempt("preempted", last_step, signal_name=name)
+            self.recorder.end_attempt("preempted", last_step, signal_name=name)
             self.exit_code, self.status = EXIT_PREEMPTED, "preempted"
             self.message = f"preempted by {name}; state saved at step {saved.step if saved else self._restored_step}"
             self._say(f"preempted by {name}: exiting {EXIT_PREEMPTED} (requeue me)")
@@ -552,14 +548,13 @@ class CheckpointManager:
             # The last step's checkpoint failed: "completed" would promise a checkpoint there is not.
             self.message = f"the checkpoint at the last step {last_step} failed: {self._last_save.reason}"
             self.exit_code, self.status = EXIT_PROBLEM, "failed"
-            if self.recorder is not None:
-                self.recorder.end_attempt("failed", last_step)
+            self.recorder.end_attempt("failed", last_step)
         else:
             self.status = "completed"
-            if self.recorder is not None:
-                self.recorder.end_attempt("completed", last_step)
-        if self.recorder is not None and self.recorder.fenced_by is not None:  # rank 0 alone learns this
-            self._fenced(self.recorder.fenced_by)
+            self.recorder.end_attempt("completed", last_step)
+        fenced_by = self.recorder.fenced_by  # rank 0 alone learns this (a NullRecorder never does)
+        if fenced_by is not None:
+            self._fenced(fenced_by)
         return None
 
     def _fenced(self, fenced_by: int | None) -> None:
@@ -570,12 +565,11 @@ class CheckpointManager:
     def _end_failed(self) -> None:
         self.exit_code, self.status = EXIT_PROBLEM, "failed"
         self._drain_background()
-        if self.recorder is not None:
-            last_step = max(self._last_logged, self._restored_step or 0)
-            try:
-                self.recorder.end_attempt("failed", last_step)
-            except LedgerError as err:  # the original error matters more; say why the record is missing
-                print(f"[ckpt-ledger] could not record the failed attempt: {err}", file=sys.stderr, flush=True)
+        last_step = max(self._last_logged, self._restored_step or 0)
+        try:
+            self.recorder.end_attempt("failed", last_step)
+        except LedgerError as err:  # the original error matters more; say why the record is missing
+            print(f"[ckpt-ledger] could not record the failed attempt: {err}", file=sys.stderr, flush=True)
 
     def _drain_background(self) -> None:
         """After a failure: give the background writer a bounded time to record its end."""
@@ -591,9 +585,8 @@ class CheckpointManager:
             self.preemption.uninstall()
         if failed:
             self._drain_background()  # the writer uses the recorder: it must be done before the recorder closes
-        if self.recorder is not None:
-            self.recorder.close()
-            self.recorder = None
+        self.recorder.close()
+        self.recorder = NullRecorder()  # nothing more is recorded
         # A broken multi-process group could block its destruction until the collective timeout;
         # our own one-process group has no peers to wait for.
         if self.ctx.owns_group and (not failed or self.ctx.world_size == 1) and dist.is_initialized():
