@@ -11,6 +11,7 @@ from cli.errors import EXIT_PROBLEM, CliError
 from cli.options import open_read_only, run_dir_argument
 from ledger import Ledger
 from ledger.events import AttemptEnded
+from ledger.statuses import AttemptStatus
 
 #: An attempt that is the newest and appended within this many seconds may still be alive: refused.
 #: The trainer appends at least every ``log_every`` steps and at every checkpoint, so 5 minutes
@@ -21,7 +22,8 @@ DEFAULT_GRACE_S = 300.0
 @click.command("end-attempt")
 @run_dir_argument
 @click.argument("epoch", metavar="EPOCH", type=click.IntRange(min=1))
-@click.option("--reason", type=click.Choice(("crashed", "failed")), required=True,
+# The values, not the members: click matches an Enum choice by member name (``CRASHED``).
+@click.option("--reason", type=click.Choice((AttemptStatus.CRASHED.value, AttemptStatus.FAILED.value)), required=True,
               help="What happened to it (recorded in attempt.ended).")
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=DEFAULT_GRACE_S, show_default=True,
               metavar="SECONDS", help="Refuse while the newest attempt appended within this many seconds.")

@@ -12,6 +12,7 @@ from cli.tables import human_bytes, human_duration, render_table
 from ledger import Ledger
 from ledger.decisions import is_torn, metric_of
 from ledger.lineage import current_branch, on_current_branch
+from ledger.statuses import AttemptStatus, CheckpointStatus
 from ledger.view import View
 
 
@@ -56,11 +57,11 @@ def _ref(ckpt) -> str:  # noqa: ANN001 - CheckpointState or None
 
 
 def _reason(attempt) -> str | None:  # noqa: ANN001 - AttemptState
-    if attempt.status == "crashed":
+    if attempt.status == AttemptStatus.CRASHED:
         return "no attempt.ended"
-    if attempt.status == "running":
+    if attempt.status == AttemptStatus.RUNNING:
         return None
-    if attempt.status == "fenced":
+    if attempt.status == AttemptStatus.FENCED:
         return f"fenced by epoch {attempt.fenced_by}" if attempt.fenced_by else "fenced"
     return attempt.reason + (f" ({attempt.preempted_by})" if attempt.preempted_by else "")
 
@@ -109,7 +110,7 @@ def render_view(view: View, run_dir: Path, last_seen: dict[int, float] | None = 
         for c in checkpoints:
             topo = "·".join(f"{k}{v}" for k, v in sorted(c.topology.items())) or "-"
             status = "torn" if is_torn(view.state, c) else c.status
-            if c.pinned and c.status != "deleted":
+            if c.pinned and c.status != CheckpointStatus.DELETED:
                 status += ", pinned"
             rows.append([c.checkpoint_id, c.step, status, "" if on_current_branch(view.state, c, branch) else "abandoned",
                          c.parent or "(root)", human_bytes(c.bytes), len(c.shards), f"{c.stack} x{c.world_size}", topo,

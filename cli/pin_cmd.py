@@ -11,17 +11,18 @@ from cli.options import open_read_only, run_dir_argument
 from ledger import Ledger
 from ledger.decisions import is_torn
 from ledger.events import CheckpointPinned, CheckpointUnpinned
+from ledger.statuses import CheckpointStatus
 
 checkpoint_argument = click.argument("ref", metavar="ID")
 
 
 def why_not_pinnable(view, ckpt) -> str | None:  # noqa: ANN001 - View, CheckpointState
     """Why a checkpoint cannot be pinned or aliased (``None``: it can)."""
-    if ckpt.status == "deleted":
+    if ckpt.status == CheckpointStatus.DELETED:
         return "deleted"
     if ckpt.deletion_requested:
         return "being deleted"
-    if ckpt.status == "aborted":
+    if ckpt.status == CheckpointStatus.ABORTED:
         return "aborted"
     if is_torn(view.state, ckpt):
         return "a torn save that will never be committed"

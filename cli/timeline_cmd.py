@@ -18,15 +18,20 @@ from ledger import Ledger
 from ledger.decisions import is_torn
 from ledger.lineage import current_branch
 from ledger.events import PreemptionSignalled, StepCompleted
+from ledger.statuses import AttemptStatus, CheckpointStatus
 from ledger.view import View
 
 FORMATS = {".png": "png", ".svg": "svg", ".html": "html"}
 MAX_POINTS = 4000  # per attempt on the loss curve; longer series are thinned evenly
 
-ATTEMPT_COLOURS = {"completed": "#2e7d32", "preempted": "#ef6c00", "crashed": "#c62828", "failed": "#8e0000",
-                   "fenced": "#6a1b9a", "running": "#1565c0"}
-CHECKPOINT_COLOURS = {"committed": "#2e7d32", "in_flight": "#9e9e9e", "aborted": "#ef6c00", "deleted": "#cfcfcf",
-                      "corrupt": "#c62828", "torn": "#8d6e63"}
+ATTEMPT_COLOURS = {AttemptStatus.COMPLETED: "#2e7d32", AttemptStatus.PREEMPTED: "#ef6c00",
+                   AttemptStatus.CRASHED: "#c62828", AttemptStatus.FAILED: "#8e0000", AttemptStatus.FENCED: "#6a1b9a",
+                   AttemptStatus.RUNNING: "#1565c0"}
+CHECKPOINT_COLOURS = {CheckpointStatus.COMMITTED: "#2e7d32", CheckpointStatus.IN_FLIGHT: "#9e9e9e",
+                      CheckpointStatus.ABORTED: "#ef6c00", CheckpointStatus.DELETED: "#cfcfcf",
+                      CheckpointStatus.CORRUPT: "#c62828", "torn": "#8d6e63"}  # torn: in flight, never to commit
+#: Attempts drawn with a crash mark.
+_FAILURES = (AttemptStatus.CRASHED, AttemptStatus.FAILED)
 
 
 @dataclass
@@ -77,7 +82,7 @@ def _thin(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
 
 
 def _status_label(attempt) -> str:  # noqa: ANN001 - AttemptState
-    if attempt.status == "fenced" and attempt.fenced_by:
+    if attempt.status == AttemptStatus.FENCED and attempt.fenced_by:
         return f"fenced by epoch {attempt.fenced_by}"
     return attempt.status
 
@@ -115,7 +120,7 @@ def draw(view: View, series: Series, title: str, last_seen: dict[int, float] | N
         ax.barh(y, max(end - attempt.first_step, 0.4), left=attempt.first_step, height=0.5,
                 color=ATTEMPT_COLOURS.get(attempt.status, "#757575"), alpha=0.85)
         ax.text(end, y, f"  {_status_label(attempt)}", va="center", fontsize=8)
-        if attempt.status in ("crashed", "failed"):
+        if attempt.status in _FAILURES:
             ax.plot([end], [y], marker="X", color="#c62828", markersize=11, markeredgecolor="black", zorder=5)
     for epoch, step, _signal in series.preemptions:
         if epoch in rows:
@@ -162,7 +167,7 @@ def draw(view: View, series: Series, title: str, last_seen: dict[int, float] | N
                for s, c in CHECKPOINT_COLOURS.items() if s in shown.values()]
     if series.preemptions:
         legend.append(Line2D([], [], color="#ef6c00", marker="v", lw=0, label="preemption"))
-    if any(a.status in ("crashed", "failed") for a in attempts):
+    if any(a.status in _FAILURES for a in attempts):
         legend.append(Line2D([], [], color="#c62828", marker="X", lw=0, label="crash"))
     if legend:
         ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
@@ -190,7 +195,7 @@ def _draw_wall_clock(ax, attempts, rows, colours, last_seen: dict[int, float]) -
         end = attempt.ended_at if attempt.ended_at is not None else last_seen.get(attempt.epoch, attempt.started_at)
         ax.barh(rows[attempt.epoch], max(end - attempt.started_at, 1e-3), left=attempt.started_at - origin, height=0.5,
                 color=colours[attempt.epoch], alpha=0.85,
-                hatch="//" if attempt.status == "fenced" else None,
+                hatch="//" if attempt.status == AttemptStatus.FENCED else None,
                 edgecolor=ATTEMPT_COLOURS.get(attempt.status, "#757575"))
         ax.text(end - origin, rows[attempt.epoch], f"  {_status_label(attempt)}", va="center", fontsize=7)
     ax.set_xlim(left=0, right=ax.get_xlim()[1] * 1.15)  # room for the end labels

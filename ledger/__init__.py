@@ -34,18 +34,22 @@ from ledger.errors import (
 from ledger.health import Anomaly, LedgerHealth
 from ledger.ledger import Attempt, Ledger
 from ledger.retention import Deletion, RetentionPolicy
+from ledger.statuses import AnomalyKind, AttemptStatus, CheckpointStatus, Severity
 from ledger.store import LEDGER_FILE, StoredEvent
 from ledger.view import View
 
 __all__ = [
     "LEDGER_FILE",
     "Anomaly",
+    "AnomalyKind",
     "Attempt",
+    "AttemptStatus",
     "BestRule",
     "BlobInfo",
     "BlobStore",
     "BlobWriter",
     "CheckpointNotFoundError",
+    "CheckpointStatus",
     "CorruptBlobError",
     "CorruptLedgerError",
     "Deletion",
@@ -61,6 +65,7 @@ __all__ = [
     "LocalBlobStore",
     "RetentionPolicy",
     "SchemaTooNewError",
+    "Severity",
     "StoredEvent",
     "UnknownEventError",
     "View",

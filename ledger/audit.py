@@ -20,24 +20,15 @@ from ledger import decisions
 from ledger.blobs import parse_location
 from ledger.errors import CorruptBlobError
 from ledger.garbage import may_be_in_progress, stray_files, stray_uploads
-from ledger.health import (
-    CREATION_LEFTOVER,
-    FENCING,
-    INTEGRITY,
-    PROTOCOL,
-    READ_MODEL_MISMATCH,
-    SEQ_GAP,
-    SNAPSHOT_MISMATCH,
-    TRAILING_GARBAGE,
-    Anomaly,
-)
+from ledger.health import Anomaly
 from ledger.projection import CheckpointState, State
+from ledger.statuses import AnomalyKind, AttemptStatus, CheckpointStatus, Severity
 
 if TYPE_CHECKING:
     from ledger.ledger import Ledger
 
-PROBLEM = "problem"
-NOTE = "note"
+#: Shorthands: most lines below construct a finding.
+PROBLEM, NOTE = Severity.PROBLEM, Severity.NOTE
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +37,7 @@ class Finding:
 
     kind: str
     """Stable machine name, e.g. ``torn_checkpoint``, ``missing_shard``, ``stray_file``."""
-    severity: str
+    severity: Severity
     """``problem`` (makes ``audit`` exit 1) or ``note``."""
     subject: str
     """What it is about: a checkpoint id, a blob location, ``attempt 3``, the ledger file."""
@@ -150,32 +141,36 @@ def _blob_owner(location: str) -> tuple[str | None, int | None]:
 
 #: What to do about each kind of ledger anomaly (audit's ``fix``), and the finding kind it reports as.
 _FIXES = {
-    INTEGRITY: ("integrity", "stop writers, copy the run directory, then recover with `sqlite3 ledger.db .recover`"),
-    SEQ_GAP: ("seq_gap", "restore ledger.db from a backup; the log must never be edited"),
-    FENCING: ("fencing", "restore ledger.db from a backup"),
-    SNAPSHOT_MISMATCH: ("snapshot_mismatch",
-                        "decisions may be wrong until the snapshot is replaced; report this with the ledger attached"),
-    READ_MODEL_MISMATCH: ("read_model_mismatch",
-                          "decisions read from the read model may be wrong; report this with the ledger attached"),
-    PROTOCOL: ("anomaly", "a writer broke the checkpoint protocol here; report it with `ckpt-ledger replay` output "
-                          "around this seq"),
+    AnomalyKind.INTEGRITY: (
+        "integrity", "stop writers, copy the run directory, then recover with `sqlite3 ledger.db .recover`"),
+    AnomalyKind.SEQ_GAP: ("seq_gap", "restore ledger.db from a backup; the log must never be edited"),
+    AnomalyKind.FENCING: ("fencing", "restore ledger.db from a backup"),
+    AnomalyKind.SNAPSHOT_MISMATCH: (
+        "snapshot_mismatch",
+        "decisions may be wrong until the snapshot is replaced; report this with the ledger attached"),
+    AnomalyKind.READ_MODEL_MISMATCH: (
+        "read_model_mismatch",
+        "decisions read from the read model may be wrong; report this with the ledger attached"),
+    AnomalyKind.PROTOCOL: (
+        "anomaly",
+        "a writer broke the checkpoint protocol here; report it with `ckpt-ledger replay` output around this seq"),
 }
 
 
 def _health_finding(led: "Ledger", anomaly: Anomaly) -> Finding:
     name = led.path.name
-    if anomaly.kind == TRAILING_GARBAGE:
+    if anomaly.kind == AnomalyKind.TRAILING_GARBAGE:
         garbage = int(anomaly.message.split(" ", 1)[0])
         size = led.path.stat().st_size
         return Finding("trailing_garbage", PROBLEM, name, anomaly.message,
                        f"back it up, then `truncate -s {size - garbage} {led.path}`")
-    if anomaly.kind == CREATION_LEFTOVER:
+    if anomaly.kind == AnomalyKind.CREATION_LEFTOVER:
         return Finding("creation_leftover", PROBLEM, anomaly.message.split(" ", 1)[0], anomaly.message,
                        "open the run for writing once (any `ckpt-ledger train`/`gc`/`pin`), or delete the file")
     kind, fix = _FIXES.get(anomaly.kind, (anomaly.kind, "report this with the ledger attached"))
-    subject = "log" if anomaly.kind == PROTOCOL else name
-    return Finding(kind, PROBLEM, subject, anomaly.message if anomaly.kind != PROTOCOL or anomaly.seq is None
-                   else f"seq {anomaly.seq}: {anomaly.message}", fix, seq=anomaly.seq)
+    protocol = anomaly.kind == AnomalyKind.PROTOCOL
+    message = f"seq {anomaly.seq}: {anomaly.message}" if protocol and anomaly.seq is not None else anomaly.message
+    return Finding(kind, PROBLEM, "log" if protocol else name, message, fix, seq=anomaly.seq)
 
 
 # -- attempts -------------------------------------------------------------------------------------
@@ -202,22 +197,22 @@ def _attempts(led: "Ledger", state: State, process_alive: Callable[[str, int], b
     found = []
     unfinished = {}
     for ckpt in state.checkpoints.values():
-        if ckpt.status == "in_flight":
+        if ckpt.status == CheckpointStatus.IN_FLIGHT:
             unfinished.setdefault(ckpt.epoch, []).append(ckpt)
     for attempt in sorted(state.attempts.values(), key=lambda a: a.epoch):
         who = f"attempt {attempt.epoch}" + (f" (job {attempt.job_id})" if attempt.job_id else "")
         saves = "".join(f"; save {c.checkpoint_id} at step {c.step} never committed ({_rank_progress(c)})"
                         for c in unfinished.get(attempt.epoch, []))
-        if attempt.status == "crashed" and attempt.ended_seq is not None:
+        if attempt.status == AttemptStatus.CRASHED and attempt.ended_seq is not None:
             found.append(Finding("crashed_attempt", NOTE, f"attempt {attempt.epoch}",
                                  f"{who} was recorded as crashed by an operator (`ckpt-ledger end-attempt`) at step "
                                  f"{attempt.last_step}{saves}", seq=attempt.ended_seq))
-        elif attempt.status == "crashed":
+        elif attempt.status == AttemptStatus.CRASHED:
             found.append(Finding("crashed_attempt", NOTE, f"attempt {attempt.epoch}",
                                  f"{who} ended without attempt.ended (crashed or killed); last event "
                                  f"{_last_event(led, attempt.last_seq)}, last step {attempt.last_step}{saves}",
                                  seq=attempt.last_seq))
-        elif attempt.status == "running":
+        elif attempt.status == AttemptStatus.RUNNING:
             alive = process_alive(attempt.host, attempt.pid)
             last = _last_event(led, attempt.last_seq)
             if alive is False:
@@ -234,12 +229,12 @@ def _attempts(led: "Ledger", state: State, process_alive: Callable[[str, int], b
                 found.append(Finding("running_attempt", NOTE, f"attempt {attempt.epoch}",
                                      f"{who} has not ended yet (still running, or crashed with no restart since); "
                                      f"last event {last}{saves}", seq=attempt.last_seq))
-        elif attempt.status == "fenced":
+        elif attempt.status == AttemptStatus.FENCED:
             by = f" by epoch {attempt.fenced_by}" if attempt.fenced_by else ""
             found.append(Finding("fenced_attempt", NOTE, f"attempt {attempt.epoch}",
                                  f"{who} was fenced{by} at step {attempt.last_step}: a newer attempt took over the run "
                                  f"and its later appends were refused{saves}", seq=attempt.ended_seq))
-        elif attempt.status == "failed":
+        elif attempt.status == AttemptStatus.FAILED:
             found.append(Finding(f"{attempt.status}_attempt", NOTE, f"attempt {attempt.epoch}",
                                  f"{who} ended {attempt.status} at step {attempt.last_step}", seq=attempt.ended_seq))
     return found
@@ -260,22 +255,22 @@ def _checkpoints(led: "Ledger", state: State, verify_blobs: bool, progress: Prog
                                  f"save at step {ckpt.step} by attempt {ckpt.epoch} was never committed and never will "
                                  f"be ({_rank_progress(ckpt)}); {len(present)} recorded file(s) still on disk",
                                  gc_fix, seq=ckpt.started_seq))
-        elif ckpt.status == "in_flight":
+        elif ckpt.status == CheckpointStatus.IN_FLIGHT:
             found.append(Finding("in_flight_checkpoint", NOTE, cid,
                                  f"save at step {ckpt.step} is in progress ({_rank_progress(ckpt)})", seq=ckpt.started_seq))
-        elif ckpt.status == "aborted" and present:
+        elif ckpt.status == CheckpointStatus.ABORTED and present:
             found.append(Finding("aborted_files", PROBLEM, cid,
                                  f"aborted save ({ckpt.abort_reason or 'no reason'}) still has {len(present)} "
                                  "file(s) on disk", gc_fix, seq=ckpt.started_seq))
-        elif ckpt.deletion_requested and ckpt.status != "deleted":
+        elif ckpt.deletion_requested and ckpt.status != CheckpointStatus.DELETED:
             found.append(Finding("interrupted_deletion", PROBLEM, cid,
                                  f"deletion ({ckpt.deletion_reason or 'no reason'}) was requested but never finished; "
                                  f"{len(present)} file(s) remain", f"`ckpt-ledger gc {led.run_dir}` finishes it"))
-        elif ckpt.status == "corrupt":
+        elif ckpt.status == CheckpointStatus.CORRUPT:
             found.append(Finding("corrupt_checkpoint", NOTE, cid,
                                  f"corruption.detected recorded for {', '.join(ckpt.corrupt_locations)}; it is never "
                                  "loaded again", seq=ckpt.started_seq))
-        elif ckpt.status == "committed":
+        elif ckpt.status == CheckpointStatus.COMMITTED:
             found += _committed_files(led, state, ckpt)
             to_hash += [(ckpt, s) for s in ckpt.shards]
     checked["shards"] = len(to_hash)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ledger import lineage
 from ledger.projection import CheckpointState, State
+from ledger.statuses import AttemptStatus, CheckpointStatus
 
 DEFAULT_BEST_METRIC = "eval_loss"
 DEFAULT_BEST_MODE = "min"
@@ -84,10 +85,10 @@ def best(state: State, rule: BestRule | None = None) -> tuple[CheckpointState, f
 
 def is_torn(state: State, ckpt: CheckpointState) -> bool:
     """In flight from an attempt that is over or fenced: it can never be committed."""
-    if ckpt.status != "in_flight":
+    if ckpt.status != CheckpointStatus.IN_FLIGHT:
         return False
     attempt = state.attempts.get(ckpt.epoch)
-    ended = attempt is not None and attempt.status not in ("running",)
+    ended = attempt is not None and attempt.status != AttemptStatus.RUNNING
     return ckpt.epoch < state.current_epoch or ended
 
 
@@ -102,9 +103,9 @@ def protected(state: State, rule: BestRule | None = None) -> dict[str, str]:
     """Checkpoints retention must never remove, with why: latest, best, resume, pinned, in flight, aliased."""
     keep: dict[str, str] = {}
     for ckpt in state.checkpoints.values():
-        if ckpt.status == "in_flight" and not is_torn(state, ckpt):
+        if ckpt.status == CheckpointStatus.IN_FLIGHT and not is_torn(state, ckpt):
             keep[ckpt.checkpoint_id] = "in flight"
-        elif ckpt.pinned and ckpt.status != "deleted":
+        elif ckpt.pinned and ckpt.status != CheckpointStatus.DELETED:
             keep[ckpt.checkpoint_id] = "pinned"
     for alias, checkpoint_id in state.aliases.items():
         if alias not in ("latest", "best"):

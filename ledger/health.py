@@ -12,18 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ledger.projection import State, encode_state
+from ledger.statuses import AnomalyKind
 from ledger.store import StoreHealth
 from ledger.view import View
-
-#: Anomaly kinds of the store (the fold's protocol violations have kind ``protocol``).
-INTEGRITY = "integrity"
-SEQ_GAP = "seq_gap"
-FENCING = "fencing"
-TRAILING_GARBAGE = "trailing_garbage"
-CREATION_LEFTOVER = "creation_leftover"
-SNAPSHOT_MISMATCH = "snapshot_mismatch"
-READ_MODEL_MISMATCH = "read_model_mismatch"
-PROTOCOL = "protocol"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +22,8 @@ class Anomaly:
     """One thing wrong with the ledger: ``seq`` is the event it points at (``None`` for the file as a whole)."""
 
     seq: int | None
-    kind: str
+    kind: AnomalyKind
+    """What is wrong (the fold's protocol violations have kind ``protocol``)."""
     message: str
 
 
@@ -55,7 +47,7 @@ def protocol_anomalies(state: State) -> list[Anomaly]:
     for text in state.anomalies:
         head, _, rest = text.partition(": ")
         seq = int(head[4:]) if head.startswith("seq ") and head[4:].isdigit() else None
-        found.append(Anomaly(seq, PROTOCOL, rest if seq is not None else text))
+        found.append(Anomaly(seq, AnomalyKind.PROTOCOL, rest if seq is not None else text))
     return found
 
 
@@ -63,22 +55,26 @@ def store_anomalies(store: StoreHealth, path: str) -> list[Anomaly]:
     """Judge the store's integrity facts."""
     found = []
     if store.integrity != ["ok"]:
-        found.append(Anomaly(None, INTEGRITY, f"database check failed: {'; '.join(store.integrity[:3])}"))
+        found.append(Anomaly(None, AnomalyKind.INTEGRITY,
+                             f"database check failed: {'; '.join(store.integrity[:3])}"))
     if store.events != store.last_seq or (store.events and store.first_seq != 1):
-        found.append(Anomaly(None, SEQ_GAP, f"{store.events} events but sequence numbers run "
-                                            f"{store.first_seq}..{store.last_seq}: events were removed outside ckpt-ledger"))
+        found.append(Anomaly(None, AnomalyKind.SEQ_GAP,
+                             f"{store.events} events but sequence numbers run {store.first_seq}..{store.last_seq}: "
+                             "events were removed outside ckpt-ledger"))
     if store.max_epoch < store.newest_event_epoch:
-        found.append(Anomaly(None, FENCING, f"stored max_epoch {store.max_epoch} is below the newest event epoch "
-                                            f"{store.newest_event_epoch}: fencing cannot stop a zombie attempt"))
+        found.append(Anomaly(None, AnomalyKind.FENCING,
+                             f"stored max_epoch {store.max_epoch} is below the newest event epoch "
+                             f"{store.newest_event_epoch}: fencing cannot stop a zombie attempt"))
     if store.trailing_bytes:
         pages = store.details.get("page_count", "?")
         size = store.details.get("page_size", "?")
-        found.append(Anomaly(None, TRAILING_GARBAGE, f"{store.trailing_bytes} bytes past the database's last page "
-                                                     f"({pages} pages x {size}): something appended to {path}; "
-                                                     "writers refuse it"))
+        found.append(Anomaly(None, AnomalyKind.TRAILING_GARBAGE,
+                             f"{store.trailing_bytes} bytes past the database's last page "
+                             f"({pages} pages x {size}): something appended to {path}; writers refuse it"))
     for leftover in store.leftovers:
-        found.append(Anomaly(None, CREATION_LEFTOVER, f"{leftover} is a half-created ledger left by a crash during "
-                                                      "creation; the next writer open removes it"))
+        found.append(Anomaly(None, AnomalyKind.CREATION_LEFTOVER,
+                             f"{leftover} is a half-created ledger left by a crash during creation; "
+                             "the next writer open removes it"))
     return found
 
 
@@ -86,7 +82,7 @@ def snapshot_anomaly(projected: State, replayed: State) -> list[Anomaly]:
     """A snapshot-based projection that differs from a full replay of the same prefix."""
     if encode_state(projected) == encode_state(replayed):
         return []
-    return [Anomaly(projected.seq, SNAPSHOT_MISMATCH,
+    return [Anomaly(projected.seq, AnomalyKind.SNAPSHOT_MISMATCH,
                     "the stored projection snapshot disagrees with a full replay of the log")]
 
 
@@ -112,6 +108,6 @@ def read_model_anomalies(view: View, replayed: View) -> list[Anomaly]:
     wrong = [name for name in truth if ours[name] != truth[name]]
     if not wrong:
         return []
-    return [Anomaly(view.seq, READ_MODEL_MISMATCH,
+    return [Anomaly(view.seq, AnomalyKind.READ_MODEL_MISMATCH,
                     f"the read model disagrees with a full replay of the log on {', '.join(wrong)}; "
                     "a writer open rebuilds it only when it is missing or behind")]

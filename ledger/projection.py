@@ -40,6 +40,7 @@ from ledger.events import (
     ShardWritten,
     StepCompleted,
 )
+from ledger.statuses import AttemptStatus, CheckpointStatus
 
 #: Bump when the state layout or fold rules change: older snapshots are then ignored.
 #: 2: ``CheckpointState.committed_at``. 3: lineage (``CheckpointState.parent``,
@@ -78,12 +79,12 @@ class CheckpointState(msgspec.Struct, kw_only=True):
     world_size: int
     stack: str
     topology: dict[str, int]
-    status: str = "in_flight"  # in_flight | committed | aborted | deleted | corrupt
+    status: CheckpointStatus = CheckpointStatus.IN_FLIGHT
     shards: list[ShardState] = []
     committed_seq: int | None = None
     committed_at: float | None = None  # recorded_at of the commit: only time-based retention reads it
     abort_reason: str | None = None
-    deletion_requested: bool = False  # status becomes "deleted" at the request: never load it again
+    deletion_requested: bool = False  # status becomes DELETED at the request: never load it again
     deletion_done: bool = False  # checkpoint.deleted seen: every blob is gone
     deletion_reason: str | None = None
     pinned: bool = False
@@ -101,7 +102,7 @@ class CheckpointState(msgspec.Struct, kw_only=True):
     @property
     def usable(self) -> bool:
         """Committed, not corrupt, not (being) deleted: safe to load."""
-        return self.status == "committed"
+        return self.status == CheckpointStatus.COMMITTED
 
 
 class AttemptState(msgspec.Struct, kw_only=True):
@@ -120,7 +121,9 @@ class AttemptState(msgspec.Struct, kw_only=True):
     resumed_from: str | None
     previous_topology: dict[str, Any] | None
     first_step: int
-    status: str = "running"  # running | completed | preempted | failed | fenced | crashed
+    status: str = AttemptStatus.RUNNING
+    """An :class:`~ledger.statuses.AttemptStatus` value: ``running``, ``crashed``, or the ``attempt.ended`` reason
+    as the log recorded it (a plain ``str`` when read back; the enum compares equal to it)."""
     reason: str | None = None
     ended_at: float | None = None
     ended_seq: int | None = None
@@ -227,10 +230,10 @@ def _on_committed(state: State, event: CheckpointCommitted, seq: int, epoch: int
                   attempt: AttemptState | None) -> None:
     ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.committed")
     if ckpt is not None:
-        if ckpt.status != "in_flight":
+        if ckpt.status != CheckpointStatus.IN_FLIGHT:
             _anomaly(state, seq, f"commit of {event.checkpoint_id} while {ckpt.status}")
         else:
-            ckpt.status = "committed"
+            ckpt.status = CheckpointStatus.COMMITTED
             ckpt.committed_seq = seq
             ckpt.committed_at = recorded_at
 
@@ -239,8 +242,8 @@ def _on_aborted(state: State, event: CheckpointAborted, seq: int, epoch: int, re
                 attempt: AttemptState | None) -> None:
     ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.aborted")
     if ckpt is not None:
-        if ckpt.status == "in_flight":
-            ckpt.status = "aborted"
+        if ckpt.status == CheckpointStatus.IN_FLIGHT:
+            ckpt.status = CheckpointStatus.ABORTED
             # An aborted save holds no weights: the attempt's next checkpoint descends from its parent.
             owner = state.attempts.get(ckpt.epoch)
             if owner is not None and owner.head == ckpt.checkpoint_id:
@@ -282,14 +285,14 @@ def _on_deletion_requested(state: State, event: CheckpointDeletionRequested, seq
     if ckpt is not None:
         ckpt.deletion_requested = True
         ckpt.deletion_reason = event.reason
-        ckpt.status = "deleted"
+        ckpt.status = CheckpointStatus.DELETED
 
 
 def _on_deleted(state: State, event: CheckpointDeleted, seq: int, epoch: int, recorded_at: float,
                 attempt: AttemptState | None) -> None:
     ckpt = _checkpoint(state, seq, event.checkpoint_id, "checkpoint.deleted")
     if ckpt is not None:
-        ckpt.status = "deleted"
+        ckpt.status = CheckpointStatus.DELETED
         ckpt.deletion_requested = True
         ckpt.deletion_done = True
         state.aliases = {a: c for a, c in state.aliases.items() if c != event.checkpoint_id}
@@ -301,8 +304,8 @@ def _on_corruption(state: State, event: CorruptionDetected, seq: int, epoch: int
     if ckpt is not None:
         if event.location not in ckpt.corrupt_locations:
             ckpt.corrupt_locations.append(event.location)
-        if ckpt.status in ("committed", "in_flight"):
-            ckpt.status = "corrupt"
+        if ckpt.status in (CheckpointStatus.COMMITTED, CheckpointStatus.IN_FLIGHT):
+            ckpt.status = CheckpointStatus.CORRUPT
 
 
 def _on_attempt_ended(state: State, event: AttemptEnded, seq: int, epoch: int, recorded_at: float,
@@ -317,7 +320,7 @@ def _on_attempt_ended(state: State, event: AttemptEnded, seq: int, epoch: int, r
         ended.ended_seq = seq
         if event.last_step is not None:
             ended.last_step = event.last_step
-        if event.reason == "fenced":
+        if event.reason == AttemptStatus.FENCED:
             ended.fenced_by = event.fenced_by if event.fenced_by is not None else _next_epoch(state, event.epoch)
 
 
@@ -372,8 +375,8 @@ def _apply_attempt_started(state: State, event: AttemptStarted, seq: int, record
     previous = state.attempts.get(state.current_epoch)
     if previous is not None:
         previous.steps_lost += lost
-        if previous.status == "running":
-            previous.status = "crashed"
+        if previous.status == AttemptStatus.RUNNING:
+            previous.status = AttemptStatus.CRASHED
     state.steps_lost += lost
     state.attempts[event.epoch] = AttemptState(
         epoch=event.epoch,

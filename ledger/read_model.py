@@ -104,7 +104,8 @@ def load_state(reader: StoreReader, at: int) -> State:
 
 
 def _checkpoint_row(ckpt: CheckpointState) -> CheckpointRow:
-    return CheckpointRow(started_seq=ckpt.started_seq, step=ckpt.step, status=ckpt.status, state=_encode(ckpt))
+    # The column holds the status's spelling as a plain str: no database driver has to adapt an enum.
+    return CheckpointRow(started_seq=ckpt.started_seq, step=ckpt.step, status=str(ckpt.status), state=_encode(ckpt))
 
 
 def full_rows(state: State) -> ReadModelRows:

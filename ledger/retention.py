@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ledger import decisions, lineage
 from ledger.faults import crash_point
 from ledger.projection import State
+from ledger.statuses import CheckpointStatus
 from ledger.time_retention import format_duration, parse_duration, time_keeps
 
 if TYPE_CHECKING:
@@ -113,13 +114,14 @@ def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None 
             deletions.append(_deletion(ckpt, f"finish interrupted deletion ({ckpt.deletion_reason or 'no reason'})"))
         elif decisions.is_torn(state, ckpt) and ckpt.checkpoint_id not in keep:  # a pin or user alias still keeps it
             deletions.append(_deletion(ckpt, f"torn save of attempt {ckpt.epoch}: never committed"))
-        elif ckpt.status == "aborted" and ckpt.shards and ckpt.checkpoint_id not in keep:
+        elif ckpt.status == CheckpointStatus.ABORTED and ckpt.shards and ckpt.checkpoint_id not in keep:
             # Without this an aborted save's recorded shards would stay on disk forever (one with
             # none recorded has nothing to delete: it stays "aborted" in the record).
             deletions.append(_deletion(ckpt, f"aborted ({ckpt.abort_reason or 'no reason'}): never committed"))
     if not policy.active:
         return deletions
-    committed = [c for c in state.checkpoints.values() if c.status in ("committed", "corrupt") and not c.deletion_requested]
+    committed = [c for c in state.checkpoints.values()
+                 if c.status in (CheckpointStatus.COMMITTED, CheckpointStatus.CORRUPT) and not c.deletion_requested]
     by_step = sorted(committed, key=lambda c: (c.step, c.committed_seq or 0), reverse=True)
     # keep-last and keep-every count along the current branch only; an abandoned branch is
     # kept by pins, aliases, best or keep-best (see ledger.lineage).
@@ -148,7 +150,7 @@ def plan(state: State, policy: RetentionPolicy, rule: decisions.BestRule | None 
         keep.setdefault(checkpoint_id, why)
     for ckpt in by_step:
         if ckpt.checkpoint_id not in keep:
-            if ckpt.status == "corrupt":
+            if ckpt.status == CheckpointStatus.CORRUPT:
                 why = "corrupt and not kept"
             elif branch is not None and ckpt.checkpoint_id not in branch:
                 why = lineage.abandoned_reason(state, ckpt)

@@ -7,9 +7,12 @@
 ...         model_fn=model_fn, data_fn=data_fn, loss_fn=loss_fn).fit()   # doctest: +SKIP
 """
 
-from trainer.checkpoint_manager import CheckpointManager, SaveResult
+from trainer.checkpoint_manager import CheckpointManager, SaveResult, SaveStatus
 from trainer.config import TrainerConfig
 from trainer.errors import BadInputError, StartRefusedError, TrainerError
 from trainer.trainer import RunOutcome, Trainer
 
-__all__ = ["BadInputError", "CheckpointManager", "RunOutcome", "SaveResult", "StartRefusedError", "Trainer", "TrainerConfig", "TrainerError"]
+__all__ = [
+    "BadInputError", "CheckpointManager", "RunOutcome", "SaveResult", "SaveStatus", "StartRefusedError", "Trainer",
+    "TrainerConfig", "TrainerError",
+]

@@ -31,7 +31,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ledger import BlobStore, IncompleteCheckpointError, LedgerError, RetentionPolicy
 from ledger.faults import crash_point
 from trainer.checkpoint_storage import LedgerStorageWriter
-from trainer.run_recorder import RunRecorder, ShardFact
+from trainer.recorder import NullRecorder, Recorder
+from trainer.run_recorder import ShardFact
 from trainer.process_group import DistContext, broadcast_object, gather_objects
 
 
@@ -83,11 +84,11 @@ class SaveOutcome:
 class CommitProtocol:
     """Runs :func:`begin` and :func:`complete` of one checkpoint for this rank (see the module docstring)."""
 
-    def __init__(self, ctx: DistContext, blobs: BlobStore, recorder: RunRecorder | None, *, stack: str,
+    def __init__(self, ctx: DistContext, blobs: BlobStore, recorder: Recorder | None, *, stack: str,
                  topology: dict[str, int], retention: RetentionPolicy, codec: str = "none") -> None:
         self.ctx = ctx
         self.blobs = blobs
-        self.recorder = recorder
+        self.recorder: Recorder = NullRecorder() if recorder is None else recorder  # None: this rank records nothing
         self.stack = stack
         self.topology = topology
         self.retention = retention
@@ -96,8 +97,7 @@ class CommitProtocol:
     def begin(self, checkpoint_id: str, step: int, group: dist.ProcessGroup | None) -> SaveOutcome | None:
         """Phase 1: rank 0 appends ``checkpoint.started``; ``None`` to go on, or the fenced outcome for all."""
         fenced_by = None
-        if self.recorder is not None and not self.recorder.begin_checkpoint(
-                checkpoint_id, step, self.ctx.world_size, self.stack, self.topology):
+        if not self.recorder.begin_checkpoint(checkpoint_id, step, self.ctx.world_size, self.stack, self.topology):
             fenced_by = self.recorder.fenced_by
         fenced_by = broadcast_object(fenced_by, group=group)
         if fenced_by is not None:  # a newer attempt owns the run: nobody writes
@@ -124,16 +124,16 @@ class CommitProtocol:
             doing = "collecting shard reports"
             reports = gather_objects(report, group=group)
             outcome = None
-            if self.recorder is not None and reports is not None:
+            if reports is not None:  # rank 0, which alone receives the reports, decides
                 doing = "committing"
                 outcome = self._decide(self.recorder, checkpoint_id, step, reports, started)
             decided = True
-            if outcome is not None and outcome.committed and self.recorder is not None:
+            if outcome is not None and outcome.committed:
                 crash_point("trainer.after_commit")
                 self.recorder.apply_retention(self.retention)
             outcome = broadcast_object(outcome, group=group)
         except BaseException as err:
-            if self.recorder is not None and not decided:
+            if not decided:
                 reason = (f"lost a rank while {doing}: {err}" if isinstance(err, RuntimeError)
                           else f"failed while {doing}: {one_line(err)}")
                 self._abort_quietly(self.recorder, checkpoint_id, reason)
@@ -160,7 +160,7 @@ class CommitProtocol:
             self.blobs.delete(shard.location)
         shards.clear()
 
-    def _decide(self, recorder: RunRecorder, checkpoint_id: str, step: int, reports: list[RankReport],
+    def _decide(self, recorder: Recorder, checkpoint_id: str, step: int, reports: list[RankReport],
                 started: float) -> SaveOutcome:
         """Rank 0: commit when every rank wrote its files, abort with every failing rank's reason otherwise."""
         by_error: dict[str, list[int]] = {}
@@ -185,7 +185,7 @@ class CommitProtocol:
                            shards_recorded=True)
 
     @staticmethod
-    def _abort_quietly(recorder: RunRecorder, checkpoint_id: str, reason: str) -> None:
+    def _abort_quietly(recorder: Recorder, checkpoint_id: str, reason: str) -> None:
         """Record an abort on the way out of a failure; the original error matters more than this record."""
         try:
             recorder.abort_checkpoint(checkpoint_id, reason)

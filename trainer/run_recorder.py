@@ -32,6 +32,7 @@ from ledger.events import (
 )
 from ledger.faults import crash_point
 from ledger.garbage import retention_pass
+from ledger.statuses import AttemptStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +225,8 @@ class RunRecorder:
         so inspect, audit and timeline show the attempt as fenced rather than crashed."""
         if self.attempt is None:
             return
-        event = AttemptEnded(epoch=self.attempt.epoch, reason="fenced", last_step=self._last_step, fenced_by=fenced_by)
+        event = AttemptEnded(epoch=self.attempt.epoch, reason=AttemptStatus.FENCED, last_step=self._last_step,
+                             fenced_by=fenced_by)
         try:
             self.ledger.append(event, epoch=None, event_id=f"attempt.ended:e{self.attempt.epoch}:fenced")
         except LedgerError as err:  # the job stops either way; the log then shows it as crashed

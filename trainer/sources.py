@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ledger import CheckpointNotFoundError, View
+from ledger.statuses import CheckpointStatus
 from trainer.checkpointing import BadShard, Candidate, Checkpointer
 from trainer.errors import StartRefusedError
 from trainer.process_group import broadcast_object
@@ -57,7 +58,8 @@ def resume_candidates(view: View, resume: str | None) -> tuple[list[Candidate], 
         except CheckpointNotFoundError as err:
             raise StartRefusedError(f"--resume {resume}: {err}") from None
         if not ckpt.usable:
-            state = "being deleted" if ckpt.deletion_requested and ckpt.status == "committed" else ckpt.status
+            state = ("being deleted" if ckpt.deletion_requested and ckpt.status == CheckpointStatus.COMMITTED
+                     else ckpt.status)
             raise StartRefusedError(
                 f"--resume {resume}: checkpoint {ckpt.checkpoint_id} (step {ckpt.step}) is {state}, not loadable; "
                 "pick a committed one from `ckpt-ledger inspect`"

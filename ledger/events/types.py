@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Union
 
 import msgspec
 
+from ledger.statuses import ATTEMPT_END_REASONS  # noqa: F401 - re-exported by ledger.events
+
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="tag"):
     """Base of all events. Subclasses are past-tense facts."""
@@ -200,8 +202,6 @@ EVENT_CLASSES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-
 
 #: tag -> class, e.g. ``"checkpoint.committed" -> CheckpointCommitted``.
 EVENT_TYPES: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in EVENT_CLASSES}
-
-ATTEMPT_END_REASONS = ("completed", "preempted", "failed", "fenced", "crashed")
 
 
 def tag_of(event: Event) -> str:

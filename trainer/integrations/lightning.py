@@ -32,6 +32,7 @@ import os
 from typing import Any
 
 from ledger import FencedError, RetentionPolicy
+from ledger.statuses import AttemptStatus
 from trainer.integrations import require
 from trainer.integrations.recorder import CheckpointRecorder, find_resume_target
 from trainer.preemption import PreemptionWatch
@@ -131,14 +132,13 @@ class LedgerCheckpoint(_pl.callbacks.Checkpoint):
             self._stopping = True
             self._save(trainer, step)
             if trainer.is_global_zero:
-                self.recorder.end_attempt("preempted", step, signal_name=signal_name or "SIGTERM")
+                self.recorder.end_attempt(AttemptStatus.PREEMPTED, step, signal_name=signal_name or "SIGTERM")
             trainer.should_stop = True
         elif self.every_n_train_steps and step % self.every_n_train_steps == 0:
             self._save(trainer, step)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if (trainer.sanity_checking or not trainer.is_global_zero or self.recorder.attempt is None
-                or self.recorder.ended is not None):
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.recorder.recording:
             return
         metrics = {}
         for name, value in trainer.callback_metrics.items():
@@ -159,19 +159,19 @@ class LedgerCheckpoint(_pl.callbacks.Checkpoint):
         # A run already at max_steps skips training (and on_train_start): the attempt still records itself.
         self._begin_attempt(trainer)
         if trainer.is_global_zero:
-            self.recorder.end_attempt("completed", trainer.global_step)
+            self.recorder.end_attempt(AttemptStatus.COMPLETED, trainer.global_step)
         self.recorder.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._flag.uninstall()
         fenced = isinstance(exception, FencedError)  # a newer attempt owns the run: record nothing more
-        if trainer.is_global_zero and self.recorder.attempt is not None and self.recorder.ended is None and not fenced:
+        if trainer.is_global_zero and self.recorder.recording and not fenced:
             if isinstance(exception, _SIGTERMException):
                 # Stopped outside a training step (e.g. during validation): nothing new was saved.
-                self.recorder.end_attempt("preempted", trainer.global_step, signal_name="SIGTERM")
+                self.recorder.end_attempt(AttemptStatus.PREEMPTED, trainer.global_step, signal_name="SIGTERM")
             else:
-                self.recorder.end_attempt("failed", trainer.global_step)
-        if isinstance(exception, _SIGTERMException) and self.recorder.ended == "preempted":
+                self.recorder.end_attempt(AttemptStatus.FAILED, trainer.global_step)
+        if isinstance(exception, _SIGTERMException) and self.recorder.ended == AttemptStatus.PREEMPTED:
             exception.code = self.recorder.exit_code  # SIGTERMException is a SystemExit: exit 75, "requeue me"
         self.recorder.close()
 

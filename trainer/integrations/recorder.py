@@ -35,6 +35,7 @@ from ledger.events import (
     StepCompleted,
 )
 from ledger.projection import CheckpointState
+from ledger.statuses import AttemptStatus
 from trainer.errors import EXIT_PREEMPTED
 from trainer.identity import code_id, config_hash, ledger_version
 from trainer.process_group import slurm_facts
@@ -181,6 +182,11 @@ class CheckpointRecorder:
             raise RuntimeError("the attempt has not begun")
         return self.attempt.epoch
 
+    @property
+    def recording(self) -> bool:
+        """The attempt has begun here (rank 0) and not ended: facts may still be recorded."""
+        return self.attempt is not None and self.ended is None
+
     def _led(self) -> Ledger:
         if self.ledger is None:
             raise RuntimeError("the attempt has not begun")
@@ -188,7 +194,7 @@ class CheckpointRecorder:
 
     def end_attempt(self, reason: str, last_step: int, *, signal_name: str | None = None) -> None:
         """Record how the attempt ended (once; later calls are ignored)."""
-        if self.ended is not None or self.attempt is None:
+        if not self.recording:
             return
         self.flush_steps()
         events: list[Any] = []
@@ -201,7 +207,7 @@ class CheckpointRecorder:
     @property
     def exit_code(self) -> int:
         """0, or 75 (EX_TEMPFAIL: "requeue me") when the attempt ended preempted after saving."""
-        return EXIT_PREEMPTED if self.ended == "preempted" else 0
+        return EXIT_PREEMPTED if self.ended == AttemptStatus.PREEMPTED else 0
 
     def close(self) -> None:
         """Flush buffered steps and release the ledger."""

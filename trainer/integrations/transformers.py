@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger import RetentionPolicy
+from ledger.statuses import AttemptStatus
 from trainer.integrations import require
 from trainer.integrations.recorder import CheckpointRecorder, ResumeTarget, find_resume_target
 from trainer.preemption import PreemptionWatch
@@ -104,7 +105,7 @@ class LedgerCallback(_hf.TrainerCallback):
 
     def _recording(self, state: Any) -> bool:
         """Rank 0 inside ``train()`` (``evaluate()`` on its own begins no attempt and records nothing)."""
-        return state.is_world_process_zero and self.recorder.attempt is not None and self.recorder.ended is None
+        return state.is_world_process_zero and self.recorder.recording
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._recording(state):
@@ -152,13 +153,13 @@ class LedgerCallback(_hf.TrainerCallback):
                 raise
             self.recorder.commit_directory(checkpoint_id, step)
             if self._preempted_by is not None:
-                self.recorder.end_attempt("preempted", step, signal_name=self._preempted_by)
+                self.recorder.end_attempt(AttemptStatus.PREEMPTED, step, signal_name=self._preempted_by)
         _wait_for_every_rank(args)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._flag.uninstall()
         if state.is_world_process_zero:
-            self.recorder.end_attempt("completed", state.global_step)
+            self.recorder.end_attempt(AttemptStatus.COMPLETED, state.global_step)
             self.recorder.close()
 
 
