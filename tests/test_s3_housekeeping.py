@@ -73,7 +73,8 @@ def test_a_listing_goes_page_by_page_and_its_deadline_is_checked_between_pages(s
     pages = store.list_files()
     first_page = [next(pages), next(pages)]
     with frozen(s3_server):  # the second page never comes
-        took = seconds_to_fail(lambda: list(pages), BlobStoreTimeoutError, r"listing s3://.*\(1 page\(s\) of 2 keys listed\)")
+        took = seconds_to_fail(lambda: list(pages), BlobStoreTimeoutError,
+                               r"listing s3://.*\(1 page\(s\) of 2 keys listed\)")
     assert first_page == names[:2]
     assert took < DEADLINE_S + SLACK_S
     assert list(store.list_files()) == names  # answering again: every object still there
