@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 #: ``update(done_bytes, total_bytes)``; a total of ``None``: not known in advance (bytes and rate only).
-ByteProgress = Callable[[int, "int | None"], None]
+ByteProgress = Callable[[int, int | None], None]
 
 
 def wanted(as_json: bool = False) -> bool:
