@@ -181,7 +181,7 @@ def test_the_older_epoch_sweep_on_a_frozen_store_warns_and_the_next_attempt_swee
         began = time.monotonic() - started
         recorder.close()  # waits for the sweep, which fails at its deadline
         closed = time.monotonic() - started
-    assert began < 1.0 and closed < DEADLINE_S + SLACK_S
+    assert began < DEADLINE_S - 0.5 and closed < DEADLINE_S + SLACK_S
     warning = [line for line in capfd.readouterr().err.splitlines() if "sweeping older attempts" in line]
     assert len(warning) == 1 and "within 2 s" in warning[0] and "`ckpt-ledger gc` removes" in warning[0]
     store = blob_store_for(f"{s3_env}/sweep", run_dir)
