@@ -9,8 +9,8 @@ import click
 
 from cli.errors import EXIT_PROBLEM
 from cli.options import json_option, open_read_only, run_dir_argument
-from cli.progress import byte_progress, wanted
 from ledger.audit import AuditReport, audit
+from ledger.progress import byte_progress, wanted
 
 
 def render_report(report: AuditReport) -> str:

@@ -8,7 +8,7 @@ import click
 
 from cli.errors import CliError
 from cli.options import check_run_dir, run_dir_argument
-from cli.progress import byte_progress, wanted
+from ledger.progress import byte_progress, wanted
 
 
 @click.command("export")

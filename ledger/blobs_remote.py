@@ -12,6 +12,12 @@ nothing is visible, and ``gc`` aborts what a killed writer left
 Other fsspec protocols (``gcs://``, ``memory://``, …) write to a temporary name and
 move it into place, which is atomic where the filesystem's move is.
 
+Housekeeping calls on S3 — a listing (page by page), a delete, aborting an unfinished
+upload — each have a deadline (:attr:`FsspecBlobStore.housekeeping_deadline_s`, 20 s):
+a stopped or frozen server fails them with :class:`~ledger.errors.BlobStoreTimeoutError`
+instead of holding the caller through the client's retries for minutes
+(:mod:`ledger.store_deadline`).
+
 Credentials are never in the URL (:func:`check_blob_url` refuses one that carries
 them) and never stored or printed: s3fs/botocore find endpoint and keys in the
 standard places (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
@@ -24,6 +30,7 @@ import asyncio
 import uuid
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import urlsplit
 
@@ -39,6 +46,7 @@ from ledger.blobs import (
     new_hasher,
 )
 from ledger.errors import BlobStoreError, CorruptBlobError, LedgerWriteError
+from ledger.store_deadline import HOUSEKEEPING_DEADLINE_S, Deadline
 
 #: Size of each part of a multipart upload (S3 needs >= 5 MiB for all but the last); a blob no
 #: larger than one part is sent as a single PUT.
@@ -48,6 +56,8 @@ PART_BYTES = 16 << 20
 MAX_PARTS_IN_FLIGHT = 4
 #: Bytes per ranged GET while hashing or reading sequentially.
 READ_BYTES = 8 << 20
+#: Seconds a request past its deadline gets to finish being cancelled on the client's loop.
+_CANCEL_GRACE_S = 2.0
 _S3_PROTOCOLS = ("s3", "s3a")
 #: Query keys and user-info are where credentials hide in URLs; neither is accepted.
 try:  # botocore's transport errors (connection refused, timeouts) are not OSErrors
@@ -113,6 +123,13 @@ class FsspecBlobStore(BlobStore):
 
     #: Part size of multipart uploads (and the largest blob sent as one PUT).
     part_bytes: int = PART_BYTES
+    #: Seconds one housekeeping call on S3 may take — a whole listing (checked between its pages),
+    #: one delete, aborting the unfinished uploads of one location — before it is cancelled with
+    #: :class:`~ledger.errors.BlobStoreTimeoutError`. ``None``: no deadline (the client's own
+    #: timeouts and retries only). Set it on an instance, e.g. higher for ``gc`` of a huge bucket.
+    housekeeping_deadline_s: float | None = HOUSEKEEPING_DEADLINE_S
+    #: Keys per page of a listing (S3 answers at most 1000); the deadline is checked between pages.
+    list_page_keys: int = 1000
 
     def __init__(self, url: str) -> None:
         self.url = check_blob_url(url)
@@ -136,12 +153,44 @@ class FsspecBlobStore(BlobStore):
         return _TempThenMove(self, self._path(location))
 
     def delete(self, location: str) -> None:
+        """Remove the object (no error if already gone); on S3 within :attr:`housekeeping_deadline_s`."""
+        path = self._path(location)
         try:
-            self.fs.rm_file(self._path(location))
+            if self.is_s3:
+                bucket, key, _ = self.fs.split_path(path)
+                self._ask("delete_object", self._deadline(f"deleting {self.url}/{location}"), Bucket=bucket, Key=key)
+            else:
+                self.fs.rm_file(path)
         except FileNotFoundError:
             pass
+        except BlobStoreError:
+            raise
         except STORE_ERRORS as err:
             raise BlobStoreError(f"could not delete {self.url}/{location}: {_one_line(err)}") from err
+
+    # -- housekeeping requests with a deadline ---------------------------------------------
+
+    def _deadline(self, what: str) -> Deadline:
+        return Deadline(self.housekeeping_deadline_s, what)
+
+    def _ask(self, method: str, deadline: Deadline, /, progress: str = "", **kwargs: Any) -> Any:
+        """One S3 request, given what is left of ``deadline``; past it, the request is cancelled on the
+        client's loop and :class:`~ledger.errors.BlobStoreTimeoutError` raised (``progress``: how far the
+        call got, for its message). Other errors are the client's own (``FileNotFoundError`` for a missing
+        key or bucket): the caller translates them."""
+        deadline.check(progress)
+        left = deadline.remaining()
+        call = self.fs._call_s3(method, **kwargs)
+        if left is not None:  # cancelled inside the loop, so the connection is dropped, not left waiting
+            call = asyncio.wait_for(call, left)
+        future = asyncio.run_coroutine_threadsafe(call, self.fs.loop)
+        try:
+            return future.result(None if left is None else left + _CANCEL_GRACE_S)
+        except (asyncio.TimeoutError, FutureTimeoutError, TimeoutError):
+            future.cancel()
+            if deadline.expired():
+                raise deadline.error(progress) from None
+            raise
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -193,11 +242,18 @@ class FsspecBlobStore(BlobStore):
         return int(info["size"]) if info.get("type", "file") == "file" else None
 
     def list_files(self) -> Iterator[str]:
+        """Every object under ``blobs/``; on S3 page by page, the whole listing within
+        :attr:`housekeeping_deadline_s` (checked between pages)."""
         base = f"{self.root}/blobs"
         try:
+            if self.is_s3:
+                yield from self._list_s3(base)
+                return
             found = self.fs.find(base)
         except FileNotFoundError:
             return
+        except BlobStoreError:
+            raise
         except STORE_ERRORS as err:
             raise BlobStoreError(f"could not list {self.url}/blobs: {_one_line(err)}") from err
         prefix = f"{self.root}/"
@@ -206,16 +262,36 @@ class FsspecBlobStore(BlobStore):
             if path.startswith(prefix):
                 yield path[len(prefix):]
 
+    def _list_s3(self, base: str) -> Iterator[str]:
+        deadline = self._deadline(f"listing {self.url}/blobs")
+        bucket, key, _ = self.fs.split_path(base)
+        root_key = key[:-len("blobs")]  # "prefix/" of the URL, or "" at the bucket's top
+        continuation: dict[str, str] = {}
+        pages = 0
+        while True:
+            page = self._ask("list_objects_v2", deadline, f"{pages} page(s) of {self.list_page_keys} keys listed",
+                             Bucket=bucket, Prefix=f"{key}/", MaxKeys=self.list_page_keys, **continuation)
+            pages += 1
+            for item in page.get("Contents", []):
+                name = item["Key"]
+                if name.startswith(root_key) and not name.endswith("/"):  # "dir/" keys are folder markers
+                    yield name[len(root_key):]
+            if not page.get("IsTruncated"):
+                return
+            continuation = {"ContinuationToken": page["NextContinuationToken"]}
+
     # -- unfinished multipart uploads --------------------------------------------------------
 
-    def _uploads(self, key_prefix: str) -> list[tuple[str, str]]:
+    def _uploads(self, key_prefix: str, deadline: Deadline) -> list[tuple[str, str]]:
         """``(key, upload id)`` of every multipart upload under ``key_prefix`` never completed or aborted."""
         bucket, prefix, _ = self.fs.split_path(f"{self.root}/{key_prefix}")
         found: list[tuple[str, str]] = []
         marker: dict[str, str] = {}
         while True:
             try:
-                page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker)
+                page = self._ask("list_multipart_uploads", deadline, Bucket=bucket, Prefix=prefix, **marker)
+            except BlobStoreError:
+                raise
             except STORE_ERRORS as err:
                 raise BlobStoreError(f"could not list unfinished uploads under {self.url}: {_one_line(err)}") from err
             found += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
@@ -228,22 +304,29 @@ class FsspecBlobStore(BlobStore):
             return []
         _, root_key, _ = self.fs.split_path(f"{self.root}/x")
         root_key = root_key[:-1]  # the key prefix of the root, with its trailing slash
-        return sorted({key[len(root_key):] for key, _ in self._uploads("blobs/") if key.startswith(root_key)})
+        deadline = self._deadline(f"listing unfinished uploads under {self.url}")
+        return sorted({key[len(root_key):] for key, _ in self._uploads("blobs/", deadline) if key.startswith(root_key)})
 
     def abort_uploads(self, location: str) -> None:
         if not self.is_s3:
             return
         bucket, key, _ = self.fs.split_path(self._path(location))
-        for found_key, upload_id in self._uploads(location):
+        deadline = self._deadline(f"aborting the unfinished uploads of {self.url}/{location}")
+        for found_key, upload_id in self._uploads(location, deadline):
             if found_key == key:
-                _abort(self.fs, bucket, key, upload_id)
+                self.abort_upload(bucket, key, upload_id, deadline)
 
-
-def _abort(fs: Any, bucket: str, key: str, upload_id: str) -> None:
-    try:
-        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-    except FileNotFoundError:
-        pass  # already gone (aborted or completed by someone else)
+    def abort_upload(self, bucket: str, key: str, upload_id: str, deadline: Deadline | None = None) -> None:
+        """Abort one multipart upload (no error if it is already gone), within ``deadline``."""
+        try:
+            self._ask("abort_multipart_upload", deadline or self._deadline(f"aborting an upload to {self.url}"),
+                      Bucket=bucket, Key=key, UploadId=upload_id)
+        except FileNotFoundError:
+            pass  # already gone (aborted or completed by someone else)
+        except BlobStoreError:
+            raise
+        except STORE_ERRORS as err:
+            raise BlobStoreError(f"could not abort an upload to {self.url}: {_one_line(err)}") from err
 
 
 class MultipartUpload(BlobWriter):
@@ -351,7 +434,7 @@ class MultipartUpload(BlobWriter):
         self._pending = bytearray()
         if self._upload_id is not None:
             try:
-                _abort(self._fs, self._bucket, self._key, self._upload_id)
+                self._store.abort_upload(self._bucket, self._key, self._upload_id)
             except STORE_ERRORS:
                 pass  # the store is unreachable: the orphan upload stays invisible until gc aborts it
 

@@ -72,5 +72,9 @@ class BlobStoreError(LedgerError, OSError):
     """The blob store could not be reached or answered with an error (not a verdict on a blob's content)."""
 
 
+class BlobStoreTimeoutError(BlobStoreError, TimeoutError):
+    """A blob-store call (a listing, a delete) did not finish within its deadline; it was cancelled."""
+
+
 class LedgerUnavailableError(LedgerError, ConnectionError):
     """The ledger's database server could not be reached, refused the connection, or went away mid-run."""

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ledger import retention
 from ledger.blobs import parse_location
 from ledger.projection import State
 
 if TYPE_CHECKING:
+    from ledger.blobs import BlobStore
     from ledger.ledger import Ledger
+    from ledger.view import View
 
 
 
@@ -172,23 +174,42 @@ def _epoch_of(location: str) -> int | None:
 
 def retention_pass(led: "Ledger", policy: retention.RetentionPolicy, *, epoch: int,
                    sweep_strays: bool = True) -> GcResult:
-    """An attempt's retention pass after each commit: the policy, plus what older attempts left behind.
+    """An attempt's retention pass after a commit: the policy, plus what older attempts left behind.
 
-    Torn and aborted saves are deleted even with no policy set, and stray files under the
-    directories of *older* epochs (a fenced job's unrecorded files, a dead attempt's temp
-    files) are removed: a run does not wait for an operator's ``gc`` to be clean. Files of
-    this attempt's own epoch are never touched here. The listing is taken after retention and
-    before the projection that judges it, as in :func:`plan_gc`.
+    Torn and aborted saves are deleted even with no policy set, and (``sweep_strays``) stray
+    files under the directories of *older* epochs are removed (:func:`sweep_older_epochs`):
+    a run does not wait for an operator's ``gc`` to be clean. Files of this attempt's own
+    epoch are never touched here.
 
-    ``sweep_strays=False`` skips the listing: an attempt sweeps once (its first commit), since
-    listing a whole blob store after every commit costs O(files) and, on a remote store,
-    would hold the writer on a slow or unreachable listing; ``gc`` collects anything later.
+    The trainer passes ``sweep_strays=False``: listing a whole blob store costs O(files) and,
+    on a remote store, may wait on a slow or unreachable listing, so it sweeps once per
+    attempt, off the commit path (``trainer.older_epoch_sweep``); ``gc`` collects anything later.
     """
     deleted = led.apply_retention(policy, epoch=epoch)
     if not sweep_strays:
         return GcResult(deletions=deleted, removed=[])
-    listing = [loc for loc in led.blobs.list_files() if (e := _epoch_of(loc)) is not None and e < epoch]
-    strays = stray_files(led.projection().state, listing)
+    return GcResult(deletions=deleted, removed=sweep_older_epochs(led.blobs, led.projection, epoch=epoch))
+
+
+def sweep_older_epochs(blobs: "BlobStore", project: Callable[[], "View"], *, epoch: int,
+                       keep_going: Callable[[], bool] = lambda: True) -> list[StrayFile]:
+    """Remove the stray files under the directories of epochs older than ``epoch``; returns them.
+
+    A fenced job's unrecorded files, a dead attempt's temp files and leftovers of deleted
+    checkpoints: nothing recorded refers to them, and their attempts can no longer record
+    anything. The listing is taken before the projection that judges it (``project()``, e.g.
+    ``Ledger.projection``), as in :func:`plan_gc`. ``keep_going()`` is asked before each delete
+    (a caller that stops waiting can stop the sweep). Store errors — a listing or delete past
+    the store's housekeeping deadline — propagate: what is left stays for the next sweep or ``gc``.
+    """
+    listing = [loc for loc in blobs.list_files() if (e := _epoch_of(loc)) is not None and e < epoch]
+    if not listing:
+        return []
+    strays = stray_files(project().state, listing)
+    removed = []
     for stray in strays:
-        led.blobs.delete(stray.location)
-    return GcResult(deletions=deleted, removed=strays)
+        if not keep_going():
+            break
+        blobs.delete(stray.location)
+        removed.append(stray)
+    return removed

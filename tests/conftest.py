@@ -90,7 +90,7 @@ def s3_server(tmp_path_factory):
     try:
         yield server
     finally:
-        server.stop()
+        server.kill()  # its data is thrown away: SIGKILL, not a graceful stop that takes SeaweedFS ~15 s
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from trainer.checkpoint_storage import LedgerStorageWriter
 from trainer.recorder import NullRecorder, Recorder
 from trainer.run_recorder import ShardFact
 from trainer.process_group import DistContext, broadcast_object, gather_objects
+from trainer.upload_progress import bar_label
 
 
 def checkpoint_id_for(step: int, epoch: int, retry: int = 0) -> str:
@@ -85,8 +86,10 @@ class CommitProtocol:
     """Runs :func:`begin` and :func:`complete` of one checkpoint for this rank (see the module docstring)."""
 
     def __init__(self, ctx: DistContext, blobs: BlobStore, recorder: Recorder | None, *, stack: str,
-                 topology: dict[str, int], retention: RetentionPolicy, codec: str = "none") -> None:
+                 topology: dict[str, int], retention: RetentionPolicy, codec: str = "none",
+                 upload_bar: bool = False) -> None:
         self.ctx = ctx
+        self.upload_bar = upload_bar and ctx.is_coordinator  # one bar per terminal: rank 0's file
         self.blobs = blobs
         self.recorder: Recorder = NullRecorder() if recorder is None else recorder  # None: this rank records nothing
         self.stack = stack
@@ -118,7 +121,8 @@ class CommitProtocol:
             after_begin()
         decided = False
         doing = "writing its shards"
-        writer = LedgerStorageWriter(self.blobs, self.blobs.checkpoint_dir(checkpoint_id, epoch), self.codec)
+        writer = LedgerStorageWriter(self.blobs, self.blobs.checkpoint_dir(checkpoint_id, epoch), self.codec,
+                                     progress_label=bar_label(self.blobs, checkpoint_id) if self.upload_bar else None)
         try:
             report = self._write(state, writer, group)
             doing = "collecting shard reports"

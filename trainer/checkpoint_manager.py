@@ -195,7 +195,8 @@ class CheckpointManager:
         if store is None:  # every other rank reaches the store through the URL rank 0 read
             store = blob_store_for(blobs_url, self.run_dir)
         self.checkpointer = Checkpointer(self.ctx, store, self.recorder, stack=stack, topology=topology,
-                                         retention=self.retention, background=self.async_save, codec=self.codec)
+                                         retention=self.retention, background=self.async_save, codec=self.codec,
+                                         upload_bar=self.verbose)
         self._timings = self.checkpointer.timings
         plan = choose_start(self.checkpointer, view, resume=honoured_resume(self.resume), pretrained=self.pretrained)
         if plan.error is not None:

@@ -57,6 +57,7 @@ from ledger import BlobStore, CorruptBlobError
 from ledger.blobs import BlobWriter
 from trainer.dcp_codec import RawTensorBytes, reader_registry, writer_extensions
 from trainer.run_recorder import ShardFact
+from trainer.upload_progress import ReportingSink, planned_bytes, upload_bar
 
 #: The file DCP's coordinator writes last, describing where every item lives.
 DCP_METADATA_FILE = ".metadata"
@@ -98,14 +99,17 @@ class LedgerStorageWriter(StorageWriter):
 
     After ``dcp.save``, :attr:`written` holds this rank's files (location, bytes, hash) —
     what the rank reports for ``shard.written``. ``codec`` is one of
-    ``trainer.dcp_codec.CHECKPOINT_CODECS``.
+    ``trainer.dcp_codec.CHECKPOINT_CODECS``. ``progress_label``: draw a bar with this label
+    while the rank's file is written, if stderr is a terminal (:mod:`trainer.upload_progress`).
     """
 
-    def __init__(self, blobs: BlobStore, directory: str, codec: str = "none") -> None:
+    def __init__(self, blobs: BlobStore, directory: str, codec: str = "none", *,
+                 progress_label: str | None = None) -> None:
         super().__init__()
         self.blobs = blobs
         self.directory = directory.rstrip("/")
         self.codec = codec
+        self.progress_label = progress_label
         self._extensions = writer_extensions(codec)
         self.rank = 0
         self.use_collectives = True
@@ -137,8 +141,10 @@ class LedgerStorageWriter(StorageWriter):
         name = f"{plan.storage_data.prefix}0.distcp"
         location = f"{self.directory}/{name}"
         items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)  # small pickles first
-        with self.blobs.open_atomic(location) as sink:
-            results = _RankFileLayout(sink, name, self._extensions).write(items, planner)
+        total = planned_bytes(items) if not self._extensions else None  # a codec changes the size
+        with upload_bar(self.progress_label) as progress, self.blobs.open_atomic(location) as sink:
+            target = sink if progress is None else ReportingSink(sink, progress, total)
+            results = _RankFileLayout(target, name, self._extensions).write(items, planner)
         self.written.append(ShardFact(rank=self.rank, location=location, bytes=sink.size, hash=sink.hash))
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)

@@ -25,7 +25,7 @@ from trainer.background_save import (
 from trainer.checkpoint_candidates import BadShard, Candidate, VerifiedFiles, load_candidate, verify_candidate
 from trainer.checkpoint_commit import CommitProtocol, RankReport, SaveOutcome, checkpoint_id_for
 from trainer.checkpoint_storage import DCP_METADATA_FILE
-from trainer.run_recorder import RunRecorder
+from trainer.recorder import Recorder
 from trainer.process_group import DistContext, new_side_group
 from trainer.staging import StagingArea
 
@@ -43,16 +43,17 @@ class Checkpointer:
     rank 0 and the commit run on a background thread, on a process group of its own. At
     most one checkpoint is in flight: collect it (:meth:`poll` / :meth:`wait`) before
     starting another. ``blobs`` is where the files go (a path means a local store there).
+    ``upload_bar``: rank 0 draws a bar while its file is written, on a terminal.
     """
 
-    def __init__(self, ctx: DistContext, blobs: BlobStore | str | os.PathLike[str], recorder: RunRecorder | None, *,
+    def __init__(self, ctx: DistContext, blobs: BlobStore | str | os.PathLike[str], recorder: Recorder | None, *,
                  stack: str, topology: dict[str, int], retention: RetentionPolicy, background: bool = False,
-                 codec: str = "none") -> None:
+                 codec: str = "none", upload_bar: bool = False) -> None:
         self.ctx = ctx
         self.blobs = blobs if isinstance(blobs, BlobStore) else LocalBlobStore(blobs)
-        self.recorder = recorder
         self._protocol = CommitProtocol(ctx, self.blobs, recorder, stack=stack, topology=topology,
-                                        retention=retention, codec=codec)
+                                        retention=retention, codec=codec, upload_bar=upload_bar)
+        self.recorder: Recorder = self._protocol.recorder  # a NullRecorder on ranks that record nothing
         self._tries: dict[int, int] = {}  # step -> checkpoints begun at it (an aborted one may be retried)
         self.timings: list[CheckpointTiming] = []
         # Collective: every rank builds the checkpointer at the same point of setup.
@@ -119,8 +120,6 @@ class Checkpointer:
 
         For the checkpoint in flight the background writer appends it, in order; otherwise now.
         """
-        if self.recorder is None:
-            return
         recorder, flight = self.recorder, self._background.flight
 
         def record() -> None:

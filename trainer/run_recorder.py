@@ -33,6 +33,7 @@ from ledger.events import (
 from ledger.faults import crash_point
 from ledger.garbage import retention_pass
 from ledger.statuses import AttemptStatus
+from trainer.store_housekeeping import OlderEpochSweep, store_failures_as_warnings
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,7 @@ class RunRecorder:
         self._steps: list[StepCompleted] = []
         self._last_step: int | None = None
         self._lock = threading.RLock()
-        self._swept_older_epochs = False  # strays of older epochs are swept at this attempt's first commit
+        self._sweep: OlderEpochSweep | None = None  # older epochs' strays, swept once per attempt
 
     # -- the run and the attempt -----------------------------------------------------------
 
@@ -93,6 +94,7 @@ class RunRecorder:
             job_id=job_id, slurm=slurm, host=socket.gethostname(), pid=os.getpid(), world_size=world_size,
             stack=stack, topology=topology, resumed_from=resumed_from, previous_topology=previous_topology,
         )
+        self._sweep = OlderEpochSweep.start(self.ledger, self.projection, self.attempt.epoch)
         return self.attempt.epoch
 
     @property
@@ -189,15 +191,19 @@ class RunRecorder:
     def apply_retention(self, policy: RetentionPolicy) -> list[str]:
         """Run the retention pass after a commit; returns the deleted checkpoint ids.
 
-        Besides the policy, it collects what older (fenced, crashed, ended) attempts left: torn
-        saves and stray files under their epoch directories (:func:`ledger.garbage.retention_pass`).
+        Besides the policy, it deletes torn and aborted saves (older attempts' stray files are swept
+        once per attempt, off the commit path: :mod:`trainer.store_housekeeping`). A store failure
+        is a warning: the commit stands and the next pass finishes the requested deletions.
         """
-        sweep, self._swept_older_epochs = not self._swept_older_epochs, True
-        done = self._guard(lambda: retention_pass(self.ledger, policy, epoch=self.epoch, sweep_strays=sweep))
+        done = None
+        with store_failures_as_warnings("retention after a commit", "the commit stands; the next pass retries"):
+            done = self._guard(lambda: retention_pass(self.ledger, policy, epoch=self.epoch, sweep_strays=False))
         return [d.checkpoint_id for d in done.deletions] if done is not None else []
 
     def close(self) -> None:
-        """Release the ledger."""
+        """Wait (bounded) for the older-epoch sweep, then release the ledger."""
+        if self._sweep is not None:
+            self._sweep.finish()
         with self._lock:
             self.ledger.close()
 
