@@ -469,7 +469,7 @@ class Ledger:
 
     def full_replay(self, at: int | None = None) -> State:
         """Fold the whole log from seq 1, ignoring snapshots and caches (for checks and tests)."""
-        return self._read(lambda r: fold_chunks(r.chunks(until=at)))
+        return self._read(lambda r: fold_chunks(r.replay_parts(until=at)))
 
     def health(self, *, thorough: bool = False) -> LedgerHealth:
         """Check the ledger itself (never the blobs): the store's integrity, its caches against a replay,

@@ -19,6 +19,7 @@ import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgspec
+import numpy as np
 
 from ledger.events import (
     AliasPromoted,
@@ -41,6 +42,7 @@ from ledger.events import (
     StepCompleted,
 )
 from ledger.statuses import AttemptStatus, CheckpointStatus
+from ledger.store.interface import EventChunk, StepRun
 
 #: Bump when the state layout or fold rules change: older snapshots are then ignored.
 #: 2: ``CheckpointState.committed_at``. 3: lineage (``CheckpointState.parent``,
@@ -438,10 +440,9 @@ def fold(events: Iterable[Any], state: State | None = None) -> State:
     return state
 
 
-def fold_chunks(
-    chunks: Iterable[tuple[Sequence[int], Sequence[int], Sequence[float], Sequence[Event]]], state: State | None = None
-) -> State:
-    """Like :func:`fold`, over ``(seqs, epochs, recorded_ats, events)`` column chunks (the replay fast path).
+def fold_chunks(chunks: Iterable[EventChunk | StepRun], state: State | None = None) -> State:
+    """Like :func:`fold`, over column chunks (the replay fast path): ``(seqs, epochs, recorded_ats,
+    events)`` chunks, and :class:`~ledger.store.StepRun` columns of step events.
 
     Same result as :func:`apply` per event; the loop is inlined because at a million
     events every attribute lookup and call per event shows.
@@ -450,7 +451,11 @@ def fold_chunks(
     attempts = state.attempts
     handlers = _HANDLERS
     with _gc_paused():
-        for seqs, epochs, recorded, events in chunks:
+        for chunk in chunks:
+            if type(chunk) is StepRun:
+                _fold_step_run(state, chunk)
+                continue
+            seqs, epochs, recorded, events = chunk
             for seq, epoch, recorded_at, event in zip(seqs, epochs, recorded, events):
                 attempt = attempts.get(epoch)
                 if attempt is not None:
@@ -461,6 +466,33 @@ def fold_chunks(
             if seqs:
                 state.seq = seqs[-1]
     return state
+
+
+def _fold_step_run(state: State, run: StepRun) -> None:
+    """:func:`_on_step` for each step of ``run`` in turn, with the per-step work done by numpy.
+
+    Per attempt, ``steps_run`` grows by every rise of the step from the attempt's previous
+    one: the sum of the positive differences of its steps, the first taken from where the
+    attempt stood. The store only hands over steps below 10**12, so no sum overflows.
+    """
+    steps, epochs = run.steps, run.epochs
+    if not len(steps):
+        return
+    first_epoch = epochs[0]
+    groups = [(first_epoch, None)] if (epochs == first_epoch).all() else [(e, epochs == e) for e in np.unique(epochs)]
+    for epoch, rows in groups:
+        attempt = state.attempts.get(int(epoch))
+        if attempt is None:
+            continue
+        mine, seqs = (steps, run.seqs) if rows is None else (steps[rows], run.seqs[rows])
+        previous = attempt.last_step if attempt.last_step is not None else attempt.first_step
+        gained = max(int(mine[0]) - previous, 0) + int(np.maximum(np.diff(mine), 0).sum())
+        attempt.steps_run += gained
+        state.steps_run += gained
+        attempt.last_step = int(mine[-1])
+        attempt.last_seq = int(seqs[-1])
+    state.last_step = int(steps[-1])
+    state.seq = int(run.seqs[-1])
 
 
 @contextlib.contextmanager

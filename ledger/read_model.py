@@ -98,7 +98,7 @@ def load_state(reader: StoreReader, at: int) -> State:
     """The fold of events ``1..at``: the newest usable snapshot, then the tail."""
     snap = reader.snapshot(at_most=at, projection_version=PROJECTION_VERSION)
     state = decode_state(snap.state) if snap is not None else State()
-    state = fold_chunks(reader.chunks(after=snap.seq if snap is not None else 0, until=at), state)
+    state = fold_chunks(reader.replay_parts(after=snap.seq if snap is not None else 0, until=at), state)
     state.seq = at
     return state
 
@@ -161,7 +161,7 @@ class ReadModelFolder:
         if self.state is None or self.state.seq > stored:
             self.state, self._summary = load_state(reader, stored), None
         elif self.state.seq < stored:  # another writer appended (and kept the read model) since our last append
-            self.state = fold_chunks(reader.chunks(after=self.state.seq, until=stored), self.state)
+            self.state = fold_chunks(reader.replay_parts(after=self.state.seq, until=stored), self.state)
             self.state.seq, self._summary = stored, None
         if stored == newest:
             return None

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ledger.errors import LedgerError
-from ledger.projection import PROJECTION_VERSION, AttemptState, RunInfo, State, decode_state, fold_chunks
-from ledger.read_model import READ_MODEL_VERSION, Summary
+from ledger.projection import AttemptState, RunInfo
+from ledger.read_model import READ_MODEL_VERSION, Summary, load_state
 from ledger.run_address import PostgresRun, parse_run_address
 from ledger.store import StoreReader
 from ledger.view import View
@@ -54,14 +54,6 @@ class RunSummary:
         return asdict(self)
 
 
-def _fold(reader: StoreReader, at: int) -> State:
-    snap = reader.snapshot(at_most=at, projection_version=PROJECTION_VERSION)
-    state = decode_state(snap.state) if snap is not None else State()
-    state = fold_chunks(reader.chunks(after=snap.seq if snap is not None else 0, until=at), state)
-    state.seq = at
-    return state
-
-
 def _summary(name: str, url: str, view: View, events: int) -> RunSummary:
     resume = view.resume
     attempts = view.attempts
@@ -93,7 +85,7 @@ def list_runs(database: str | PostgresRun) -> list[RunSummary]:
         for stored, url in zip(stored_runs, urls):
             facts = fresh.get(stored.run)
             if facts is None:  # no current read model (written by an older ckpt-ledger): fold this run
-                view = View(_fold(snapshot.reader(stored.run), stored.last_seq))
+                view = View(load_state(snapshot.reader(stored.run), stored.last_seq))
                 summaries.append(_summary(stored.run, url, view, stored.last_seq))
                 continue
             run_info = _run_rows.decode(stored.run_info) if stored.run_info is not None else None

@@ -1,6 +1,14 @@
 """Event types of the ledger log, their schema versions, encoder, decoder and upcasters."""
 
-from ledger.events.codec import decode, decode_many, encode, encode_checked, schema_of
+from ledger.events.codec import (
+    STEP_PAYLOAD_FRAME,
+    StepPayloadFrame,
+    decode,
+    decode_many,
+    encode,
+    encode_checked,
+    schema_of,
+)
 from ledger.events.types import (
     ATTEMPT_END_REASONS,
     EVENT_TYPES,
@@ -27,6 +35,7 @@ from ledger.events.types import (
 )
 
 __all__ = [
+    "STEP_PAYLOAD_FRAME",
     "ATTEMPT_END_REASONS",
     "EVENT_TYPES",
     "AliasPromoted",
@@ -48,6 +57,7 @@ __all__ = [
     "RunStarted",
     "ShardWritten",
     "StepCompleted",
+    "StepPayloadFrame",
     "decode",
     "decode_many",
     "encode",

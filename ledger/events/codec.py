@@ -9,12 +9,13 @@ run of rows).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import msgspec
 
 from ledger.errors import CorruptLedgerError, SchemaTooNewError, UnknownEventError
-from ledger.events.types import EVENT_TYPES, AnyEvent, Event
+from ledger.events.types import EVENT_TYPES, AnyEvent, Event, StepCompleted
 from ledger.events.upcasters import upcast
 
 _encoder = msgspec.json.Encoder()
@@ -43,6 +44,37 @@ def encode_checked(event: Event) -> tuple[bytes, Event]:
             "check the field types (NaN/inf floats cannot be stored)"
         ) from exc
     return payload, stored
+
+
+@dataclass(frozen=True)
+class StepPayloadFrame:
+    """How the encoder frames a ``step.completed`` payload around its step's digits.
+
+    ``prefix`` is everything before the digits (the tag, then the step's key) and
+    ``follower`` the character right after them. The store's replay path reads the
+    step of a payload framed like this straight from the stored text, without
+    decoding it (a million step events are most of a long log, and the fold needs
+    nothing else from them); a payload framed any other way is decoded by :func:`decode`.
+    """
+
+    tag: str
+    schema_version: int
+    prefix: str
+    follower: str
+
+
+def _step_payload_frame() -> StepPayloadFrame:
+    # Derived from the encoder itself, so a change to the event's fields or their order
+    # moves the frame with it instead of silently misreading payloads.
+    text = _encoder.encode(StepCompleted(step=7)).decode()
+    head, key, rest = text.partition('"step":7')
+    if not key or not rest or rest[0] in "0123456789":
+        raise RuntimeError(f"unexpected step.completed encoding {text!r}")
+    return StepPayloadFrame(tag=StepCompleted.__struct_config__.tag, schema_version=StepCompleted.SCHEMA,
+                            prefix=head + '"step":', follower=rest[0])
+
+
+STEP_PAYLOAD_FRAME = _step_payload_frame()
 
 
 def schema_of(tag: str) -> int:

@@ -9,11 +9,16 @@ stored versions are brought forward by :mod:`ledger.events.upcasters`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Union
+from typing import Annotated, Any, ClassVar, Union
 
 import msgspec
 
 from ledger.statuses import ATTEMPT_END_REASONS  # noqa: F401 - re-exported by ledger.events
+
+
+#: Every integer field: a 64-bit signed value. JSON would store a larger one, but snapshots and
+#: the read model (msgpack) could not, and every later append would fail; refused at encode instead.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="tag"):
@@ -41,12 +46,12 @@ class RunStarted(Event, tag="run.started"):
 class AttemptStarted(Event, tag="attempt.started"):
     """A new attempt (job, requeue or restart) began; ``epoch`` fences all older ones."""
 
-    epoch: int
+    epoch: Int64
     job_id: str | None = None
     slurm: dict[str, Any] | None = None
     host: str = ""
-    pid: int = 0
-    world_size: int = 1
+    pid: Int64 = 0
+    world_size: Int64 = 1
     stack: str = ""
     topology: dict[str, int] = {}
     resumed_from: str | None = None
@@ -56,7 +61,7 @@ class AttemptStarted(Event, tag="attempt.started"):
 class StepCompleted(Event, tag="step.completed"):
     """A training step finished (metrics may be sampled)."""
 
-    step: int
+    step: Int64
     metrics: dict[str, float] = {}
 
 
@@ -64,9 +69,9 @@ class CheckpointStarted(Event, tag="checkpoint.started"):
     """A checkpoint began; ``ranks`` are the writers whose shards must all arrive before commit."""
 
     checkpoint_id: str
-    step: int
-    ranks: list[int] = []
-    world_size: int = 1
+    step: Int64
+    ranks: list[Int64] = []
+    world_size: Int64 = 1
     stack: str = ""
     topology: dict[str, int] = {}
 
@@ -77,9 +82,9 @@ class ShardWritten(Event, tag="shard.written"):
     SCHEMA: ClassVar[int] = 2  # v1 had no ``codec`` (everything was stored raw)
 
     checkpoint_id: str
-    rank: int
+    rank: Int64
     location: str
-    bytes: int
+    bytes: Int64
     hash: str
     codec: str = "none"
 
@@ -88,7 +93,7 @@ class CheckpointCommitted(Event, tag="checkpoint.committed"):
     """Every expected rank's shards are durable: the checkpoint may be resumed from."""
 
     checkpoint_id: str
-    step: int
+    step: Int64
 
 
 class CheckpointAborted(Event, tag="checkpoint.aborted"):
@@ -103,7 +108,7 @@ class MetricRecorded(Event, tag="metric.recorded"):
 
     name: str
     value: float
-    step: int
+    step: Int64
     checkpoint_id: str | None = None
 
 
@@ -151,7 +156,7 @@ class PreemptionSignalled(Event, tag="preemption.signalled"):
     """The scheduler asked the job to stop (SIGTERM/SIGUSR1); state is being saved."""
 
     signal: str
-    step: int
+    step: Int64
 
 
 class AttemptEnded(Event, tag="attempt.ended"):
@@ -161,10 +166,10 @@ class AttemptEnded(Event, tag="attempt.ended"):
     refused), ``crashed`` by an operator (``ckpt-ledger end-attempt``) for a job whose processes are gone.
     """
 
-    epoch: int
+    epoch: Int64
     reason: str
-    last_step: int | None = None
-    fenced_by: int | None = None
+    last_step: Int64 | None = None
+    fenced_by: Int64 | None = None
     """For ``fenced``: the epoch of the attempt that took over."""
 
 

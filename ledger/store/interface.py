@@ -74,6 +74,19 @@ class EventChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class StepRun:
+    """Consecutive ``step.completed`` events (nothing else between them) as ``(seq, epoch, step)`` columns.
+
+    What a fold needs of step events and nothing more: their metrics are not read. The
+    columns are integer arrays (numpy) in seq order; epochs may differ within a run.
+    """
+
+    seqs: Sequence[int]
+    epochs: Sequence[int]
+    steps: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """A stored projection state (opaque bytes) covering events ``1..seq``."""
 
@@ -167,6 +180,15 @@ class StoreReader(Protocol):
 
     def chunks(self, *, after: int = 0, until: int | None = None) -> Iterator[EventChunk]:
         """Events with ``after < seq <= until`` as column chunks, in seq order (bounded memory)."""
+
+    def replay_parts(self, *, after: int = 0, until: int | None = None) -> Iterator[EventChunk | StepRun]:
+        """What a fold needs of events ``after < seq <= until``, in seq order (bounded memory).
+
+        Like :meth:`chunks`, except that a backend may hand runs of ``step.completed``
+        events over as :class:`StepRun` columns without decoding them (the bulk of a long
+        log). Only for folding (:func:`ledger.projection.fold_chunks`); readers that show
+        events use :meth:`events` or :meth:`chunks`.
+        """
 
     def checkpoint_events(self, checkpoint_id: str) -> list[StoredEvent]:
         """Every event whose payload names ``checkpoint_id``, in seq order (indexed)."""

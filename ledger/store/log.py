@@ -51,6 +51,7 @@ from ledger.store.interface import (
     ReadModelMaintainer,
     ReadModelRows,
     Snapshot,
+    StepRun,
     StoredEvent,
     StoreHealth,
     read_consistent,
@@ -128,6 +129,9 @@ class SqliteReader:
 
     def chunks(self, *, after: int = 0, until: int | None = None) -> Iterator[EventChunk]:
         return queries.event_chunks(self._conn, after=after, until=until)
+
+    def replay_parts(self, *, after: int = 0, until: int | None = None) -> Iterator[EventChunk | StepRun]:
+        return queries.replay_parts(self._conn, after=after, until=until)
 
     def checkpoint_events(self, checkpoint_id: str) -> list[StoredEvent]:
         return queries.checkpoint_events(self._conn, checkpoint_id)

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 import psycopg
 
 from ledger.events import decode, decode_many
-from ledger.store.interface import EventChunk, Snapshot, StoredEvent, StoreHealth
+from ledger.store.interface import EventChunk, Snapshot, StepRun, StoredEvent, StoreHealth
 from ledger.store.postgres_schema import SCHEMA
 
 #: Rows fetched and decoded per batch when streaming events (bounded memory).
@@ -81,6 +81,10 @@ class PostgresReader:
         for rows in self._stream(_SELECT_ENVELOPES + where + " ORDER BY seq", args):
             seqs, epochs, recorded, tags, schemas, payloads = zip(*rows)
             yield EventChunk(seqs, epochs, recorded, decode_many(seqs, tags, schemas, payloads))
+
+    def replay_parts(self, *, after: int = 0, until: int | None = None) -> Iterator[EventChunk | StepRun]:
+        # Every event decoded: the SQLite backend's step-run shortcut reads SQLite's stored text.
+        return self.chunks(after=after, until=until)
 
     def checkpoint_events(self, checkpoint_id: str) -> list[StoredEvent]:
         rows = self._conn.execute(_SELECT_EVENTS + " WHERE run = %s AND checkpoint_id = %s ORDER BY seq",

@@ -6,10 +6,13 @@ Only :mod:`ledger.store.log` calls these, inside the transaction it owns.
 from __future__ import annotations
 
 import sqlite3
+import warnings
 from typing import Any, Iterator, Sequence
 
-from ledger.events import decode, decode_many
-from ledger.store.interface import EventChunk, Snapshot, StoredEvent
+import numpy as np
+
+from ledger.events import STEP_PAYLOAD_FRAME, decode, decode_many
+from ledger.store.interface import EventChunk, Snapshot, StepRun, StoredEvent
 
 #: Rows decoded per batch by :func:`event_chunks` (bounded memory, few Python calls per row).
 CHUNK_ROWS = 8192
@@ -57,6 +60,108 @@ def event_chunks(conn: sqlite3.Connection, *, after: int, until: int | None,
     while rows := cursor.fetchmany(chunk_rows):
         seqs, epochs, recorded, tags, schemas, payloads = zip(*rows)
         yield EventChunk(seqs, epochs, recorded, decode_many(seqs, tags, schemas, payloads))
+
+
+#: Seqs read per :func:`replay_parts` window (bounded memory: a few MB of text per window).
+REPLAY_WINDOW = 65536
+#: Steps at or above this are read by the decoder: below it every step sum in a window fits an int64.
+_FAST_STEP_LIMIT = 10**12
+_STEP_DIGITS = len(str(_FAST_STEP_LIMIT)) + 1  # enough text to see the number and what follows it
+_POWERS_OF_TEN = np.array([10**k for k in range(_STEP_DIGITS)], dtype=np.int64)
+
+# Per step row of a window, one integer ``step * 16 + where``: SQLite parses the step's digits
+# out of the stored payload (CAST reads the leading integer) and finds the character that
+# should follow them (``where``, 1-based, < 16); numpy then checks that each row was framed
+# exactly as the encoder frames it (no sign, no leading zero, no fraction or exponent). A row
+# of an old schema or another prefix gives -1. The rows' epochs come as a range (a window is
+# nearly always one attempt's); their seqs are the window's seqs the other rows do not take.
+_STEP_COLUMNS = """
+SELECT group_concat(packed, ','), count(*), min(epoch), max(epoch) FROM (
+  SELECT CASE WHEN schema_version = :schema AND substr(payload, 1, :plen) = :prefix
+         THEN CAST(substr(payload, :plen + 1, :digits) AS INTEGER) * 16
+              + instr(substr(payload, :plen + 1, :digits), :follower)
+         ELSE -1 END AS packed, epoch
+  FROM events WHERE seq > :lo AND seq <= :hi AND +tag = :tag ORDER BY seq)
+"""
+_STEP_EPOCHS = "SELECT group_concat(epoch, ',') FROM (SELECT epoch FROM events WHERE seq > ? AND seq <= ? AND +tag = ? ORDER BY seq)"
+
+
+def replay_parts(conn: sqlite3.Connection, *, after: int, until: int | None) -> Iterator[EventChunk | StepRun]:
+    """Events ``after < seq <= until`` for a fold: step events as :class:`StepRun` columns, the rest decoded.
+
+    Each window of seqs takes two scans: the rows that are not ``step.completed``
+    (decoded, like :func:`event_chunks`), and the step rows' steps as one text parsed
+    by numpy. A million-event log is mostly step rows, and building a Python row and an
+    event object for each was most of a replay's time. Anything unexpected in a window
+    (an old schema, a payload framed otherwise, a gap in the seqs) sends the whole
+    window through the decoder, which names what is wrong.
+    """
+    top = max_seq(conn) if until is None else min(until, max_seq(conn))
+    frame = STEP_PAYLOAD_FRAME
+    params = {"schema": frame.schema_version, "plen": len(frame.prefix), "prefix": frame.prefix,
+              "digits": _STEP_DIGITS, "follower": frame.follower, "tag": frame.tag}
+    lo = after
+    while lo < top:
+        hi = min(lo + REPLAY_WINDOW, top)
+        yield from _replay_window(conn, lo, hi, params)
+        lo = hi
+
+
+def _replay_window(conn: sqlite3.Connection, lo: int, hi: int,
+                   params: dict[str, Any]) -> Iterator[EventChunk | StepRun]:
+    others = conn.execute(_SELECT_ENVELOPES + " WHERE seq > ? AND seq <= ? AND tag != ? ORDER BY seq",
+                          (lo, hi, params["tag"])).fetchall()
+    text, count, low_epoch, high_epoch = conn.execute(_STEP_COLUMNS, {**params, "lo": lo, "hi": hi}).fetchone()
+    packed = _integers(text, count)
+    steps = packed >> 4 if packed is not None else None
+    if packed is None or count + len(others) != hi - lo or not _framed(steps, packed & 15).all():
+        yield from event_chunks(conn, after=lo, until=hi)
+        return
+    other_seqs = np.fromiter((row[0] for row in others), dtype=np.int64, count=len(others))
+    taken_by_steps = np.ones(hi - lo, dtype=bool)
+    taken_by_steps[other_seqs - (lo + 1)] = False
+    seqs = np.arange(lo + 1, hi + 1, dtype=np.int64)[taken_by_steps]
+    if low_epoch == high_epoch:
+        epochs = np.full(count, low_epoch if low_epoch is not None else 0, dtype=np.int64)
+    else:
+        epochs = _integers(conn.execute(_STEP_EPOCHS, (lo, hi, params["tag"])).fetchone()[0], count)
+        if epochs is None:
+            yield from event_chunks(conn, after=lo, until=hi)
+            return
+    if not others:
+        yield StepRun(seqs, epochs, steps)
+        return
+    _, recorded_epochs, recorded, tags, schemas, payloads = zip(*others)
+    seq_tuple = tuple(other_seqs.tolist())
+    events = decode_many(seq_tuple, tags, schemas, payloads)
+    # Step rows before each other row; other rows with the same count have no step between them.
+    before = np.searchsorted(seqs, other_seqs)
+    starts = [0, *(np.flatnonzero(np.diff(before)) + 1).tolist(), len(others)]
+    taken = 0
+    for start, end in zip(starts, starts[1:]):
+        upto = int(before[start])
+        if upto > taken:
+            yield StepRun(seqs[taken:upto], epochs[taken:upto], steps[taken:upto])
+            taken = upto
+        yield EventChunk(seq_tuple[start:end], recorded_epochs[start:end], recorded[start:end], events[start:end])
+    if taken < seqs.size:
+        yield StepRun(seqs[taken:], epochs[taken:], steps[taken:])
+
+
+def _integers(text: str | None, count: int) -> Any:
+    """``count`` comma-separated integers as an int64 array, or ``None`` if the text is not that."""
+    if not count:
+        return np.empty(0, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy's word for "stopped at a non-number"
+        values = np.fromstring(text or "", dtype=np.int64, sep=",")
+    return values if values.size == count and text.count(",") == count - 1 else None
+
+
+def _framed(steps: Any, follower_at: Any) -> Any:
+    """Per row: the step was written as the encoder writes it (plain digits, then the follower)."""
+    digits = np.maximum(np.searchsorted(_POWERS_OF_TEN, steps, side="right"), 1)
+    return (steps >= 0) & (steps < _FAST_STEP_LIMIT) & (follower_at == digits + 1)
 
 
 def checkpoint_events(conn: sqlite3.Connection, checkpoint_id: str) -> list[StoredEvent]:
