@@ -7,6 +7,7 @@ from ledger.events.codec import (
     decode_many,
     encode,
     encode_checked,
+    encode_many_checked,
     schema_of,
 )
 from ledger.events.types import (
@@ -62,6 +63,7 @@ __all__ = [
     "decode_many",
     "encode",
     "encode_checked",
+    "encode_many_checked",
     "schema_of",
     "tag_of",
 ]

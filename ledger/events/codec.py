@@ -77,6 +77,24 @@ def _step_payload_frame() -> StepPayloadFrame:
 STEP_PAYLOAD_FRAME = _step_payload_frame()
 
 
+def encode_many_checked(events: Sequence[Event]) -> tuple[list[bytes], list[Event]]:
+    """:func:`encode_checked` for a batch: the read-back check is one ``decode_lines`` call.
+
+    JSON escapes newlines inside strings, so newline-joined payloads hold one event per
+    line. If any event would not read back, the per-event path raises naming it.
+    """
+    payloads = [_encoder.encode(event) for event in events]
+    try:
+        stored = _decoder.decode_lines(b"\n".join(payloads))
+    except msgspec.ValidationError:
+        stored = []
+    if len(stored) != len(payloads):
+        for event in events:
+            encode_checked(event)  # raises the one-line error for the first bad event
+        raise ValueError("events did not read back one to one after encoding")  # no known way to get here
+    return payloads, stored
+
+
 def schema_of(tag: str) -> int:
     """The current schema version of the event type with this tag."""
     return EVENT_TYPES[tag].SCHEMA

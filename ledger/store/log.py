@@ -32,7 +32,7 @@ from ledger.errors import (
     LedgerNotFoundError,
     LedgerWriteError,
 )
-from ledger.events import Event, encode_checked, schema_of, tag_of
+from ledger.events import Event, encode_many_checked, schema_of, tag_of
 from ledger.store import queries
 from ledger.store.format import (
     READ_MODEL_SCHEMA,
@@ -392,11 +392,10 @@ class SqliteStore:
     def _insert(self, conn: sqlite3.Connection, items: Sequence[tuple[Event, str]], epoch: int) -> list[int]:
         next_seq = queries.max_seq(conn) + 1
         now = time.time()
-        rows, stored = [], []
-        for offset, (event, event_id) in enumerate(items):
+        payloads, stored = encode_many_checked([event for event, _ in items])
+        rows = []
+        for offset, ((event, event_id), payload) in enumerate(zip(items, payloads)):
             tag = tag_of(event)
-            payload, as_read = encode_checked(event)
-            stored.append(as_read)
             rows.append(
                 (next_seq + offset, event_id, epoch, now, tag, schema_of(tag),
                  getattr(event, "checkpoint_id", None), payload.decode())
