@@ -139,7 +139,6 @@ class CheckpointManager:
         self._last_save: SaveResult | None = None
         self._last_save_time = time.monotonic()
         self._stop: Stop | None = None
-        self._stop_step: int | None = None
         self._background_error: BackgroundCheckpointError | None = None
         self._closed = False
         self._timings: list = []
@@ -329,9 +328,9 @@ class CheckpointManager:
             raise self._background_error or BackgroundCheckpointError(
                 "a peer's background checkpoint writer failed (its error is in that rank's output)")
         if fenced_by:
-            self._stop, self._stop_step = (AttemptStatus.FENCED, fenced_by), step
+            self._stop = (AttemptStatus.FENCED, fenced_by)
         elif signum and self._stop is None:
-            self._stop, self._stop_step = (AttemptStatus.PREEMPTED, signum), step
+            self._stop = (AttemptStatus.PREEMPTED, signum)
         return self._stop is not None
 
     @property
