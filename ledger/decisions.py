@@ -7,6 +7,7 @@ sequence only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ledger import lineage
 from ledger.projection import CheckpointState, State
@@ -66,21 +67,33 @@ def metric_of(state: State, ckpt: CheckpointState, metric: str) -> float | None:
     return state.metrics_by_step.get(ckpt.step, {}).get(metric)
 
 
-def ranked_by_metric(state: State, rule: BestRule) -> list[tuple[CheckpointState, float]]:
-    """Usable checkpoints that have the metric, best first (ties: the later step wins)."""
+def _scored(state: State, rule: BestRule) -> list[tuple[CheckpointState, float]]:
     scored = []
     for ckpt in state.checkpoints.values():
         value = metric_of(state, ckpt, rule.metric) if ckpt.usable else None
         if value is not None:
             scored.append((ckpt, value))
+    return scored
+
+
+def _rank_key(rule: BestRule) -> Callable[[tuple[CheckpointState, float]], tuple[float, int, int]]:
     sign = 1.0 if rule.mode == "min" else -1.0
-    return sorted(scored, key=lambda cv: (sign * cv[1], -cv[0].step, -(cv[0].committed_seq or 0)))
+    return lambda cv: (sign * cv[1], -cv[0].step, -(cv[0].committed_seq or 0))
+
+
+def ranked_by_metric(state: State, rule: BestRule) -> list[tuple[CheckpointState, float]]:
+    """Usable checkpoints that have the metric, best first (ties: the later step wins)."""
+    return sorted(_scored(state, rule), key=_rank_key(rule))
 
 
 def best(state: State, rule: BestRule | None = None) -> tuple[CheckpointState, float] | None:
-    """The best usable checkpoint by ``rule`` and its metric value (a late metric still counts)."""
-    ranked = ranked_by_metric(state, rule or BestRule.of(state))
-    return ranked[0] if ranked else None
+    """The best usable checkpoint by ``rule`` and its metric value (a late metric still counts).
+
+    The first of :func:`ranked_by_metric`, found without sorting: the writer decides this on
+    every checkpoint append, so at 10k checkpoints the sort showed.
+    """
+    rule = rule or BestRule.of(state)
+    return min(_scored(state, rule), key=_rank_key(rule), default=None)
 
 
 def is_torn(state: State, ckpt: CheckpointState) -> bool:
