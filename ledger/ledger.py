@@ -478,6 +478,9 @@ class Ledger:
         view = self.projection()
         state = view.state
         anomalies = store_anomalies(store, self.location)
+        # A replay reads only the step of a step event: decode every payload too, so a damaged
+        # one is still refused by its seq (CorruptLedgerError), as a full decode always did.
+        self._read(lambda r: all(chunk.events is not None for chunk in r.chunks(until=state.seq)))
         replayed = self.full_replay(at=state.seq)
         replayed.seq = state.seq
         has_snapshots = self._read(lambda r: r.snapshot_count(projection_version=PROJECTION_VERSION))

@@ -119,3 +119,17 @@ def test_malformed_steps_are_refused_by_seq_not_misread(tmp_path, step_text):
         return
     with pytest.raises(CorruptLedgerError, match="seq 20"):
         led.full_replay()
+
+
+def test_health_still_refuses_a_step_payload_damaged_past_its_step(tmp_path):
+    # The replay does not parse a step event's metrics, so health (audit) decodes every payload itself.
+    _trainer_like_log(tmp_path)
+    conn = raw.connect(tmp_path / "ledger.db")
+    conn.execute("UPDATE events SET payload = ? WHERE seq = 20",
+                 ('{"tag":"step.completed","step":19,"metrics":{"loss":"x"}}',))
+    conn.commit()
+    conn.close()
+    led = Ledger.open(tmp_path, read_only=True)
+    led.full_replay()  # the step still reads as 19: the replay alone would not notice
+    with pytest.raises(CorruptLedgerError, match="seq 20"):
+        led.health()
