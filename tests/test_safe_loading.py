@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from trainer_support import QUICK, REPO, cli_env, run_cli, view_of
+from trainer_support import QUICK, REPO, cli_env, run_cli, run_cli_in_process, view_of
 
 from ledger import Ledger
 from ledger.events import AttemptEnded, ShardWritten
@@ -88,7 +88,7 @@ def test_a_malicious_pickle_with_a_rerecorded_hash_is_refused_never_run(tmp_path
     assert not target.exists()
     assert view_of(run_dir).resume.checkpoint_id == cid  # nothing was recorded against it: it verifies fine
     # export (which reads only tensors) does not run it either.
-    run_cli("export", str(run_dir), "--checkpoint", cid, "--out", str(tmp_path / "m.pt"))
+    run_cli_in_process("export", str(run_dir), "--checkpoint", cid, "--out", str(tmp_path / "m.pt"))
     assert not target.exists()
 
 
