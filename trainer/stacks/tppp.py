@@ -47,17 +47,21 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from trainer.stacks.base import LossFn, Stack, Topology
 
 if TYPE_CHECKING:
+    from torch.distributed.pipelining import PipelineStage
+
     from trainer.config import TrainerConfig
 
-#: Pipeline schedules by name (``schedule=`` of :class:`TpppStack`).
-SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}
+#: Pipeline schedules by name (``schedule=`` of :class:`TpppStack`): their classes in
+#: ``torch.distributed.pipelining``, imported only when a pipeline is built. That package
+#: loads ``torch._dynamo`` (~0.5 s), which every ``ckpt-ledger train`` and ``export`` paid
+#: at start-up whatever its stack, because the stack registry imports this module.
+SCHEDULES = {"1F1B": "Schedule1F1B", "GPipe": "ScheduleGPipe"}
 
 #: Tensor-parallel layout of one block: Megatron-style column-then-row pairs, so each
 #: pair needs one all-reduce forward and one backward (attention heads split over tp).
@@ -202,6 +206,8 @@ class TpppStack(Stack):
         layout = _Layout(module=stage, topology=topology, pp_rank=pp_rank, pp_group=mesh["pp"].get_group(),
                          dp_group=mesh["dp"].get_group(), tp_group=mesh["tp"].get_group(), full_keys=full_keys)
         if topology.pp > 1:
+            from torch.distributed.pipelining import PipelineStage
+
             layout.stage = PipelineStage(stage, pp_rank, topology.pp, device, group=layout.pp_group)
         self._layout = layout
         return stage
@@ -255,7 +261,10 @@ class TpppStack(Stack):
         if batch_size % count:
             raise ValueError(f"a batch of {batch_size} does not split into {count} equal pipeline microbatches")
         if layout.schedule is None or layout.schedule_loss_fn is not loss_fn:
-            layout.schedule = SCHEDULES[self.schedule](layout.stage, n_microbatches=count, loss_fn=loss_fn)
+            import torch.distributed.pipelining as pipelining
+
+            schedule = getattr(pipelining, SCHEDULES[self.schedule])
+            layout.schedule = schedule(layout.stage, n_microbatches=count, loss_fn=loss_fn)
             layout.schedule_loss_fn = loss_fn
         return layout.schedule
 
