@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import warnings
@@ -73,11 +74,20 @@ def _plant(run_dir: Path, target: Path, where: str) -> str:
     return cid
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished QUICK run with synchronous checkpoints (each test plants in a copy of it)."""
+    run_dir = tmp_path_factory.mktemp("safe-loading") / "run"
+    done = run_cli("train", "--run-dir", str(run_dir), *QUICK, "--sync-checkpoint")
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("where", ["dcp", "ours"])
-def test_a_malicious_pickle_with_a_rerecorded_hash_is_refused_never_run(tmp_path, where):
+def test_a_malicious_pickle_with_a_rerecorded_hash_is_refused_never_run(tmp_path, trained_run, where):
     run_dir = tmp_path / "run"
-    assert run_cli("train", "--run-dir", str(run_dir), *QUICK, "--sync-checkpoint").returncode == 0
+    shutil.copytree(trained_run, run_dir)
     target = tmp_path / "pwned"
     cid = _plant(run_dir, target, where)
     done = run_cli("train", "--run-dir", str(run_dir), "--steps", "40", "--ckpt-every", "10", "--eval-every", "0")
