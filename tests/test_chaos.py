@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from ledger import Ledger, LedgerError
+from trainer_support import export_state, run_cli_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("CKPT_LEDGER_CHAOS_KILLS", "3"))
@@ -53,11 +54,6 @@ def last_step(run_dir: Path) -> int:
         return 0
 
 
-def export(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
-    run_to_end(["export", str(run_dir), "--checkpoint", "latest", "--out", str(out)])
-    return torch.load(out, weights_only=True)
-
-
 def assert_no_torn_resume(run_dir: Path) -> None:
     led = Ledger.open(run_dir, read_only=True)
     view = led.projection()
@@ -77,7 +73,7 @@ def assert_no_torn_resume(run_dir: Path) -> None:
 def test_chaos_kills_then_bitwise_resume(tmp_path, stack, nproc, crash_counter):
     reference_dir, chaos_dir = tmp_path / "reference", tmp_path / "chaos"
     run_to_end(train_args(reference_dir, stack, nproc))
-    reference = export(reference_dir, tmp_path / "reference.pt")
+    reference = export_state(reference_dir, tmp_path / "reference.pt")
 
     rng = random.Random(f"{stack}{nproc}")
     for _ in range(KILLS):
@@ -97,12 +93,13 @@ def test_chaos_kills_then_bitwise_resume(tmp_path, stack, nproc, crash_counter):
         assert_no_torn_resume(chaos_dir)
 
     run_to_end(train_args(chaos_dir, stack, nproc))
-    final = export(chaos_dir, tmp_path / "chaos.pt")
+    final = export_state(chaos_dir, tmp_path / "chaos.pt")
     assert final.keys() == reference.keys()
     for name in reference:
         assert torch.equal(final[name], reference[name]), f"{name} differs after kills and resumes"
 
-    run_to_end(["gc", str(chaos_dir)])
-    audit = subprocess.run([sys.executable, "-m", "cli", "audit", str(chaos_dir), "--verify-blobs"],
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    # After the kills: export, gc and audit run in this process (the CLI's own entry point, no torch start-up).
+    gc = run_cli_in_process("gc", str(chaos_dir))
+    assert gc.returncode == 0, gc.stderr[-3000:]
+    audit = run_cli_in_process("audit", str(chaos_dir), "--verify-blobs")
     assert audit.returncode == 0, audit.stdout[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import io
 import pickle
+import sys
 import threading
 import warnings
 import zipfile
@@ -248,15 +249,24 @@ def test_projecting_the_ledger_off_the_main_thread_leaves_the_garbage_collector_
     led = Ledger.open(tmp_path)
     led.start_run(run_id="r", config={})
     attempt = led.begin_attempt(world_size=1, stack="ddp")
-    led.append_many([StepCompleted(step=i, metrics={"loss": 1.0}) for i in range(20000)], epoch=attempt.epoch)
+    # Small: the worker samples the collector's state at every Python call of its replay, so a
+    # pause is seen however short the fold is (20,000 events, spin-sampled from the main thread
+    # only, cost up to 30 s in a suite whose heap makes every collection on the worker slow).
+    led.append_many([StepCompleted(step=i, metrics={"loss": 1.0}) for i in range(2000)], epoch=attempt.epoch)
     seen: set[bool] = set()
+    seen_by_worker: set[bool] = set()
     done = threading.Event()
 
+    def sample(frame, event, arg):  # noqa: ANN001, ANN202 - sys.settrace's signature
+        seen_by_worker.add(gc.isenabled())
+
     def project() -> None:
+        sys.settrace(sample)  # this thread only
         try:
             for _ in range(3):
                 Ledger.open(tmp_path, read_only=True).full_replay()
         finally:
+            sys.settrace(None)
             done.set()
 
     worker = threading.Thread(target=project)
@@ -266,3 +276,4 @@ def test_projecting_the_ledger_off_the_main_thread_leaves_the_garbage_collector_
     worker.join()
     led.close()
     assert seen == {True}
+    assert seen_by_worker == {True}

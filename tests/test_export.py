@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ledger import Ledger
-from trainer_support import assert_bitwise_equal, reference_run, run_cli, view_of
+from trainer_support import assert_bitwise_equal, reference_run, run_cli, run_cli_in_process, view_of
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(400)]
 
@@ -24,7 +24,7 @@ def test_export_latest_best_and_id_in_both_formats(tmp_path, tmp_path_factory, s
     first = min(view.checkpoints.values(), key=lambda c: c.step)
     for ref, out, fmt in (("best", best_out, "torch"), (first.checkpoint_id, id_out, "torch"),
                           ("latest", st_out, "safetensors")):
-        done = run_cli("export", str(run_dir), "--checkpoint", ref, "--out", str(out), "--format", fmt, timeout=120)
+        done = run_cli_in_process("export", str(run_dir), "--checkpoint", ref, "--out", str(out), "--format", fmt)
         assert done.returncode == 0, done.stderr
 
     assert not any(k.startswith(("module.", "_orig_mod.")) or "._orig_mod." in k for k in latest)
@@ -42,7 +42,7 @@ def test_export_errors_have_contract_exit_codes(tmp_path, tmp_path_factory):
     run_dir, _ = reference_run(tmp_path_factory, "ddp")
     out = tmp_path / "out.pt"
 
-    missing = run_cli("export", str(run_dir), "--checkpoint", "nope", "--out", str(out), timeout=120)
+    missing = run_cli_in_process("export", str(run_dir), "--checkpoint", "nope", "--out", str(out))
     assert missing.returncode == 1 and "nope" in missing.stderr, missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
 
@@ -70,7 +70,7 @@ def test_export_verifies_shard_hashes_first(tmp_path, tmp_path_factory):
     path.write_bytes(bytes(data))
 
     out = tmp_path / "out.pt"
-    done = run_cli("export", str(run_dir), "--out", str(out), timeout=120)
+    done = run_cli_in_process("export", str(run_dir), "--out", str(out))
     assert done.returncode == 1, done.stderr
     assert "does not match" in done.stderr and "export refused" in done.stderr
     assert not out.exists()

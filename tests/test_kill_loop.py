@@ -1,8 +1,8 @@
 """SIGKILL a real ledger writer at random moments, hundreds of times, checking every guarantee after each kill.
 
-The writer is a forked child running the full checkpoint protocol (blob writes,
-shard records, commit, retention) in a loop; the parent kills it after a random
-delay, then checks the ledger: contiguous sequence numbers, every acknowledged
+The writer (``workloads/kill_loop_writer.py``) is a forked process running the full
+checkpoint protocol (blob writes, shard records, commit, retention) in a loop; the test
+kills it after a random delay, then checks the ledger: contiguous sequence numbers, every acknowledged
 append present, no committed checkpoint missing a rank, every usable checkpoint's
 shards verifying, and the resume target never torn. At the end, gc cleans the
 leftovers and audit reports the run healthy.
@@ -17,50 +17,62 @@ import os
 import random
 import select
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from ledger import Ledger, RetentionPolicy
+from ledger import Ledger
 from ledger.audit import audit
-from ledger.events import AttemptEnded, ShardWritten, StepCompleted
+from ledger.events import AttemptEnded
 from ledger.garbage import execute_gc, plan_gc
+from workloads.kill_loop_writer import POLICY
 
 KILLS = int(os.environ.get("CKPT_LEDGER_KILLS", "800"))
-POLICY = RetentionPolicy(keep_last=2)
+ROOT = Path(__file__).resolve().parents[1]
+WRITER = Path(__file__).parent / "workloads" / "kill_loop_writer.py"
 
 
-def writer_forever(run_dir: Path, ack_fd: int, seed: int) -> None:
-    """The child: resume from the projection and checkpoint forever, acknowledging each append."""
-    rng = random.Random(seed)
+class WriterForkServer:
+    """A fresh interpreter that forks :func:`writer_forever` on request (see ``workloads/kill_loop_writer.py``)."""
 
-    def ack(seqs, tag):
-        for s in seqs if isinstance(seqs, list) else [seqs]:
-            os.write(ack_fd, f"{s} {tag}\n".encode())
+    def __init__(self) -> None:
+        self.sock, theirs = socket.socketpair()
+        self.sock.settimeout(60)  # a wedged server fails the test instead of hanging it
+        self.proc = subprocess.Popen([sys.executable, str(WRITER), str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+        theirs.close()
+        self.live: int | None = None
 
-    led = Ledger.open(run_dir)
-    view = led.projection()
-    step = view.resume.step if view.resume else 0
-    attempt = led.begin_attempt(world_size=2, resumed_from=view.resume.checkpoint_id if view.resume else None)
-    ack(attempt.seq, "attempt.started")
-    led.apply_retention(POLICY, epoch=attempt.epoch)
-    while True:
-        step += 1
-        ack(led.append(StepCompleted(step=step), epoch=attempt.epoch), "step.completed")
-        if step % 3:
-            continue
-        cid = f"c{step}-e{attempt.epoch}"
-        ack(led.begin_checkpoint(checkpoint_id=cid, step=step, ranks=[0, 1], world_size=2, stack="ddp",
-                                 epoch=attempt.epoch), "checkpoint.started")
-        for rank in (0, 1):
-            info = led.blobs.write(f"{led.blobs.checkpoint_dir(cid, attempt.epoch)}/r{rank}",
-                                   rng.randbytes(rng.randint(1, 20000)), codec=rng.choice(["none", "zstd"]))
-            ack(led.record_shards(cid, [ShardWritten(checkpoint_id=cid, rank=rank, location=info.location,
-                                                     bytes=info.bytes, hash=info.hash, codec=info.codec)],
-                                  epoch=attempt.epoch), "shard.written")
-        ack(led.commit_checkpoint(cid, epoch=attempt.epoch), "checkpoint.committed")
-        led.apply_retention(POLICY, epoch=attempt.epoch)
+    def _ask(self, request: str, fds: tuple[int, ...] = ()) -> str:
+        socket.send_fds(self.sock, [request.encode()], fds)
+        reply = self.sock.recv(4096).decode()
+        assert reply, f"the writer fork server died (exit {self.proc.poll()}); see its stderr"
+        return reply.split()[1]
+
+    def spawn(self, run_dir: Path, ack_fd: int, seed: int) -> int:
+        """Start a writer on ``run_dir`` acknowledging on ``ack_fd``; returns its pid."""
+        self.live = int(self._ask(f"spawn {seed} {run_dir}", (ack_fd,)))
+        return self.live
+
+    def wait(self, pid: int) -> int:
+        """Reap ``pid`` (only its parent, the server, can); returns the ``os.waitpid`` status."""
+        status = int(self._ask(f"wait {pid}"))
+        self.live = None
+        return status
+
+    def close(self) -> None:
+        if self.live is not None:  # a failed check left a writer running: it loops forever otherwise
+            os.kill(self.live, signal.SIGKILL)
+        self.sock.close()  # EOF: the server returns
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
 
 
 def check(run_dir: Path, acks: dict[int, str], deep: bool, checked_up_to: list[int]) -> int | None:
@@ -101,36 +113,35 @@ def test_random_sigkill_loop(tmp_path, crash_counter):
     acks: dict[int, str] = {}
     resume_steps = []
     checked_up_to = [0]
-    for kill in range(KILLS):
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: never returns
-            os.close(read_fd)
-            try:
-                writer_forever(run_dir, write_fd, seed=kill)
-            finally:
-                os._exit(1)
-        os.close(write_fd)
-        received = b""
-        if rng.random() < 0.9:
-            # Time the kill from the child's own progress, not the wall clock: a loaded
-            # machine must not turn every kill into a kill-during-startup.
-            deadline = time.monotonic() + 30
-            while b"attempt.started" not in received and time.monotonic() < deadline:
-                if select.select([read_fd], [], [], 1.0)[0]:
-                    received += os.read(read_fd, 65536)
-        time.sleep(rng.uniform(0.0, 0.04))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFSIGNALED(status), f"writer exited on its own (status {status}); see its stderr"
-        with os.fdopen(read_fd, "rb") as pipe:
-            received += pipe.read()
-        for line in received.decode().splitlines():
-            seq, tag = line.split()
-            assert int(seq) not in acks, f"seq {seq} acknowledged twice: an acknowledged event was lost and its seq reused"
-            acks[int(seq)] = tag
-        crash_counter("kill_loop")
-        resume_steps.append(check(run_dir, acks, deep=kill % 25 == 0, checked_up_to=checked_up_to))
+    server = WriterForkServer()
+    try:
+        for kill in range(KILLS):
+            read_fd, write_fd = os.pipe()
+            pid = server.spawn(run_dir, write_fd, seed=kill)
+            os.close(write_fd)
+            received = b""
+            if rng.random() < 0.9:
+                # Time the kill from the child's own progress, not the wall clock: a loaded
+                # machine must not turn every kill into a kill-during-startup.
+                deadline = time.monotonic() + 30
+                while b"attempt.started" not in received and time.monotonic() < deadline:
+                    if select.select([read_fd], [], [], 1.0)[0]:
+                        received += os.read(read_fd, 65536)
+            time.sleep(rng.uniform(0.0, 0.04))
+            os.kill(pid, signal.SIGKILL)
+            status = server.wait(pid)
+            assert os.WIFSIGNALED(status), f"writer exited on its own (status {status}); see its stderr"
+            with os.fdopen(read_fd, "rb") as pipe:
+                received += pipe.read()
+            for line in received.decode().splitlines():
+                seq, tag = line.split()
+                assert int(seq) not in acks, \
+                    f"seq {seq} acknowledged twice: an acknowledged event was lost and its seq reused"
+                acks[int(seq)] = tag
+            crash_counter("kill_loop")
+            resume_steps.append(check(run_dir, acks, deep=kill % 25 == 0, checked_up_to=checked_up_to))
+    finally:
+        server.close()
     # The run made progress across kills, and never resumed from a torn checkpoint (checked above).
     assert max(s or 0 for s in resume_steps) > 0
     # A final attempt finishes the run; the crashes' leftovers are found by audit and removed by gc.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import warnings
@@ -14,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from trainer_support import QUICK, REPO, cli_env, run_cli, view_of
+from trainer_support import QUICK, REPO, cli_env, run_cli, run_cli_in_process, view_of
 
 from ledger import Ledger
 from ledger.events import AttemptEnded, ShardWritten
@@ -73,11 +74,20 @@ def _plant(run_dir: Path, target: Path, where: str) -> str:
     return cid
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished QUICK run with synchronous checkpoints (each test plants in a copy of it)."""
+    run_dir = tmp_path_factory.mktemp("safe-loading") / "run"
+    done = run_cli("train", "--run-dir", str(run_dir), *QUICK, "--sync-checkpoint")
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("where", ["dcp", "ours"])
-def test_a_malicious_pickle_with_a_rerecorded_hash_is_refused_never_run(tmp_path, where):
+def test_a_malicious_pickle_with_a_rerecorded_hash_is_refused_never_run(tmp_path, trained_run, where):
     run_dir = tmp_path / "run"
-    assert run_cli("train", "--run-dir", str(run_dir), *QUICK, "--sync-checkpoint").returncode == 0
+    shutil.copytree(trained_run, run_dir)
     target = tmp_path / "pwned"
     cid = _plant(run_dir, target, where)
     done = run_cli("train", "--run-dir", str(run_dir), "--steps", "40", "--ckpt-every", "10", "--eval-every", "0")
@@ -88,7 +98,7 @@ def test_a_malicious_pickle_with_a_rerecorded_hash_is_refused_never_run(tmp_path
     assert not target.exists()
     assert view_of(run_dir).resume.checkpoint_id == cid  # nothing was recorded against it: it verifies fine
     # export (which reads only tensors) does not run it either.
-    run_cli("export", str(run_dir), "--checkpoint", cid, "--out", str(tmp_path / "m.pt"))
+    run_cli_in_process("export", str(run_dir), "--checkpoint", cid, "--out", str(tmp_path / "m.pt"))
     assert not target.exists()
 
 

@@ -23,6 +23,7 @@ from trainer.default_job import JobSpec, TinyLM
 from trainer.export import consolidated_model_state
 from trainer.stacks.tppp import TpppStack, stage_blocks
 from trainer.stacks.base import Topology
+from trainer_support import run_cli_in_process
 
 pytestmark = pytest.mark.multiprocess
 RANK_TIMEOUT = 150
@@ -104,7 +105,7 @@ def test_tp2_pp2_on_four_processes_trains_commits_and_exports(tmp_path):
     assert all(torch.isfinite(torch.tensor(e.metrics["loss"])) for e in steps)
     assert len(list(ledger.events(tags=["metric.recorded"]))) == 2
 
-    exported = run_cli(["export", str(run_dir), "--checkpoint", "latest", "--out", str(out)], timeout=120)
+    exported = run_cli_in_process("export", str(run_dir), "--checkpoint", "latest", "--out", str(out))
     assert exported.returncode == 0, exported.stderr
     weights = torch.load(out)
     torch.manual_seed(0)  # the run's seed: the weights it started from

@@ -50,6 +50,53 @@ def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def run_cli_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``ckpt-ledger ARGS`` through the same entry point, in this process: exit code, stdout, stderr.
+
+    For commands whose process boundary is not what a test is about (``export``, ``gc``,
+    ``audit`` after a run): a subprocess spends ~3 s starting Python and importing torch
+    before ``export`` does anything. Like :func:`run_cli` it runs in the repository root
+    without crash points or rank variables, and with Python's default warning filters
+    (pytest's would turn a printed warning into a failure). ``train`` stays a subprocess:
+    it installs signal handlers and starts process groups.
+    """
+    if args and args[0] == "train":
+        raise ValueError("run `train` with run_cli or start_cli: it must own its process")
+    import contextlib
+    import traceback
+    import warnings
+
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    target = env or cli_env()
+    overrides: dict[str, str | None] = {**{k: None for k in os.environ if k not in target}, **target}
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    with CliRunner().isolation(env=overrides) as (stdout, stderr, _), warnings.catch_warnings():
+        warnings.resetwarnings()  # then the interpreter's own defaults, as a fresh process has them
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        sys.argv = ["ckpt-ledger", *args]
+        os.chdir(REPO)
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except Exception:  # noqa: BLE001 - what the interpreter does with an uncaught error: traceback, exit 1
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.argv = saved_argv
+            os.chdir(saved_cwd)
+            with contextlib.suppress(ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+        return subprocess.CompletedProcess(["ckpt-ledger", *args], code, stdout.getvalue().decode(),
+                                           stderr.getvalue().decode())
+
+
 def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``python -m cli ARGS`` in a new session (its own process group)."""
     return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=env or cli_env(),
@@ -108,8 +155,8 @@ def committed_steps(run_dir: Path) -> list[int]:
 
 
 def export_state(run_dir: Path, out: Path, checkpoint: str = "latest") -> dict[str, torch.Tensor]:
-    """``ckpt-ledger export`` then ``torch.load`` (weights only)."""
-    done = run_cli("export", str(run_dir), "--checkpoint", checkpoint, "--out", str(out), timeout=120)
+    """``ckpt-ledger export`` (in this process) then ``torch.load`` (weights only)."""
+    done = run_cli_in_process("export", str(run_dir), "--checkpoint", checkpoint, "--out", str(out))
     assert done.returncode == 0, done.stderr
     return torch.load(out, weights_only=True)
 
