@@ -75,6 +75,8 @@ _POWERS_OF_TEN = np.array([10**k for k in range(_STEP_DIGITS)], dtype=np.int64)
 # exactly as the encoder frames it (no sign, no leading zero, no fraction or exponent). A row
 # of an old schema or another prefix gives -1. The rows' epochs come as a range (a window is
 # nearly always one attempt's); their seqs are the window's seqs the other rows do not take.
+# group_concat receives the subquery's rows in its ORDER BY order: the rows' order is seq
+# order (tests/properties/test_prop_step_runs.py would fail if SQLite changed that).
 _STEP_COLUMNS = """
 SELECT group_concat(packed, ','), count(*), min(epoch), max(epoch) FROM (
   SELECT CASE WHEN schema_version = :schema AND substr(payload, 1, :plen) = :prefix
@@ -83,7 +85,9 @@ SELECT group_concat(packed, ','), count(*), min(epoch), max(epoch) FROM (
          ELSE -1 END AS packed, epoch
   FROM events WHERE seq > :lo AND seq <= :hi AND +tag = :tag ORDER BY seq)
 """
-_STEP_EPOCHS = "SELECT group_concat(epoch, ',') FROM (SELECT epoch FROM events WHERE seq > ? AND seq <= ? AND +tag = ? ORDER BY seq)"
+_STEP_EPOCHS = """
+SELECT group_concat(epoch, ',') FROM (SELECT epoch FROM events WHERE seq > ? AND seq <= ? AND +tag = ? ORDER BY seq)
+"""
 
 
 def replay_parts(conn: sqlite3.Connection, *, after: int, until: int | None) -> Iterator[EventChunk | StepRun]:
@@ -131,7 +135,7 @@ def _replay_window(conn: sqlite3.Connection, lo: int, hi: int,
     if not others:
         yield StepRun(seqs, epochs, steps)
         return
-    _, recorded_epochs, recorded, tags, schemas, payloads = zip(*others)
+    _, other_epochs, recorded, tags, schemas, payloads = zip(*others)
     seq_tuple = tuple(other_seqs.tolist())
     events = decode_many(seq_tuple, tags, schemas, payloads)
     # Step rows before each other row; other rows with the same count have no step between them.
@@ -143,7 +147,7 @@ def _replay_window(conn: sqlite3.Connection, lo: int, hi: int,
         if upto > taken:
             yield StepRun(seqs[taken:upto], epochs[taken:upto], steps[taken:upto])
             taken = upto
-        yield EventChunk(seq_tuple[start:end], recorded_epochs[start:end], recorded[start:end], events[start:end])
+        yield EventChunk(seq_tuple[start:end], other_epochs[start:end], recorded[start:end], events[start:end])
     if taken < seqs.size:
         yield StepRun(seqs[taken:], epochs[taken:], steps[taken:])
 
